@@ -1,0 +1,8 @@
+"""The error types that mean "the user's input is wrong", which the CLI prints as one line (no traceback)."""
+
+from finetune.data import DataError
+from finetune.models import ModelSourceError
+from finetune.recipe import RecipeError
+from finetune.train import RunDirError
+
+USER_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, ModelSourceError, RunDirError)

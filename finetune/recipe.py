@@ -1,0 +1,514 @@
+"""The recipe: one YAML file that describes a complete run.
+
+Every field is documented once, right beside it; that text is what `finetune --help` shows.
+Loading never raises a traceback at the user: every problem is gathered and reported at once,
+one line each, as `FILE: field.path: message (got VALUE)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used. `problems` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is a mistake to report, never something to drop silently.
+    # use_attribute_docstrings: the docstring under each field is its one and only documentation.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class ModelSection(_Section):
+    base: str
+    """Base checkpoint: a hub id, a local HF directory, a path to a .gguf file, or builtin:smollm2-135m-instruct."""
+    tokenizer: str | None = None
+    """Tokenizer to use (hub id or local dir); null means the base model's own tokenizer."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint. Off unless you trust its author."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel; auto picks flash_attention_2 only if asked, else sdpa."""
+
+    @field_validator("base")
+    @classmethod
+    def _known_builtin(cls, v: str) -> str:
+        if v.startswith(BUILTIN_PREFIX) and v[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model; choose one of: {', '.join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS)}")
+        if not v.strip():
+            raise ValueError("must name a base model (hub id, local directory, .gguf file or builtin:...)")
+        return v
+
+
+class QuantizationSection(_Section):
+    load_in_4bit: bool = True
+    """Load the frozen base in 4-bit (QLoRA). false trains LoRA on a base in the compute dtype."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: nf4 (QLoRA's NormalFloat4) or fp4."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (saves ~0.37 bit per parameter)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the matmuls and autocast. bfloat16 falls back to float32, with a warning, where unsupported."""
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Storage dtype of packed 4-bit weights; set it to the compute dtype for FSDP so the weights can shard."""
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    """Modules to adapt: all-linear, or a list of names such as [q_proj, v_proj]."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must list at least one module name, or be all-linear")
+        return v
+
+
+DataFormat = Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text"]
+
+
+class DataSource(_Section):
+    path: str
+    """A local .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id."""
+    format: DataFormat = "alpaca"
+    """Row format: alpaca | messages | sharegpt | prompt_completion | text."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map our field names to yours, e.g. {instruction: question, output: answer}."""
+    split: str = "train"
+    """Split to read from a hub dataset (or a local file that has several)."""
+    weight: float | None = Field(None, gt=0)
+    """Relative sampling weight when mixing sources (rows are repeated or subsampled, seeded)."""
+    max_samples: int | None = Field(None, gt=0)
+    """Use at most this many rows of this source (the first ones, after a seeded shuffle)."""
+
+
+class DataSection(_Section):
+    train: list[DataSource] = Field(min_length=1)
+    """Training sources; several can be mixed."""
+    eval: list[DataSource] | None = None
+    """Explicit held-out sources; when set, held_out must be 0."""
+    held_out: float = Field(0.0, ge=0)
+    """Rows split off for evaluation: a fraction in (0, 1), or a count >= 1. Saved as held_out.jsonl."""
+    template: str = "alpaca"
+    """Chat template: a name in data_templates/, a path to your own .jinja file, or `tokenizer` for the model's own."""
+    system_prompt: str | None = None
+    """System message added to rows that have none (templates without a system slot ignore it)."""
+    max_length: int = Field(1024, gt=0)
+    """Longest tokenised example (and the packing block size)."""
+    train_on_prompt: bool = False
+    """Also supervise prompt tokens. Default: loss on assistant replies only."""
+    packing: bool = False
+    """Pack examples into max_length blocks (attention never crosses examples)."""
+    too_long: Literal["truncate", "drop", "error"] = "truncate"
+    """What to do with an example longer than max_length. Rows left with no supervised token are dropped and counted."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row stops the run (error) or is skipped and counted in the report (skip)."""
+
+    @field_validator("held_out")
+    @classmethod
+    def _fraction_or_count(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("must be a fraction below 1 (e.g. 0.05) or a whole count of rows (e.g. 20)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_held_out_source(self):
+        if self.eval and self.held_out:
+            raise ValueError("set either data.eval (an explicit held-out file) or data.held_out, not both")
+        return self
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    micro_batch_size: int = Field(4, gt=0)
+    """Examples per device per forward pass."""
+    grad_accum: int = Field(4, gt=0)
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of the steps spent warming up."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    seed: int = 42
+    """Seed for data order, LoRA init and dropout."""
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "auto"
+    """auto: paged_adamw_8bit on CUDA (the QLoRA paper's), adamw_torch elsewhere."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = Field(1, gt=0)
+    """Log loss and learning rate every N optimizer steps."""
+    save_steps: int = Field(100, gt=0)
+    """Save a full checkpoint every N optimizer steps (and at the end)."""
+    save_total_limit: int | None = Field(2, gt=0)
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Compute held-out loss every N steps (default: once per logging window of 10% of the run)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
+    """Experiment trackers; tensorboard writes event files into the run directory."""
+    on_nan: Literal["stop", "skip_step"] = "stop"
+    """A non-finite loss or gradient norm stops the run, or the step is skipped and counted."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto uses CUDA when present."""
+
+
+class EvalTask(_Section):
+    name: str
+    """Name shown in the report."""
+    kind: Literal["held_out", "generate", "multiple_choice", "lm_eval"]
+    """held_out | generate | multiple_choice | lm_eval."""
+    path: str | None = None
+    """JSONL file of the task's rows (generate, multiple_choice)."""
+    metrics: list[str] = ["exact_match"]
+    """Generation metrics: exact_match, contains, regex, json_match, rouge_l, chrf."""
+    normalize: list[Literal["lower", "strip", "punctuation", "whitespace", "articles"]] = ["strip"]
+    """Normalisations applied before exact_match/contains."""
+    pattern: str | None = None
+    """Regular expression for the regex metric."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Generation budget per prompt."""
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness task names (kind lm_eval)."""
+    include_path: str | None = None
+    """Directory of local lm-eval task YAMLs (kind lm_eval)."""
+
+
+class EvalSection(_Section):
+    tasks: list[EvalTask] = Field(default_factory=list)
+    """Tasks run on the base and on the fine-tuned model."""
+    model: Literal["adapter", "merged", "both"] = "adapter"
+    """Evaluate the fine-tuned model as the adapter on its 4-bit base, the merged model, or both."""
+    batch_size: int = Field(8, gt=0)
+    """Prompts per generation batch."""
+    limit: int | None = Field(None, gt=0)
+    """Use at most N rows per task (a quick check)."""
+    bootstrap: int = Field(1000, gt=0)
+    """Bootstrap resamples for the 95% confidence interval of each delta."""
+
+
+class ExportSection(_Section):
+    formats: list[Literal["hf", "adapter", "gguf", "ollama"]] = Field(default_factory=list)
+    """Formats `finetune run` writes after merging."""
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    """Tensor type of the GGUF file."""
+    verify: bool = False
+    """Check the GGUF against HF in llama.cpp (needs llama-cpp-python)."""
+
+
+class Recipe(_Section):
+    model: ModelSection
+    """The base model."""
+    quantization: QuantizationSection = QuantizationSection()
+    """How the frozen base is loaded."""
+    lora: LoraSection = LoraSection()
+    """The LoRA adapters."""
+    data: DataSection
+    """Training data and its template."""
+    train: TrainSection = TrainSection()
+    """The optimisation."""
+    eval: EvalSection = EvalSection()
+    """Held-out tasks, base vs fine-tuned."""
+    export: ExportSection = ExportSection()
+    """What `finetune run` exports."""
+    output_dir: str
+    """Run directory: resolved recipe, manifest, logs, checkpoints, adapter, reports."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> Recipe, or RecipeError with every problem.
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError listing every problem."""
+    path = Path(path)
+    label = str(path)
+    if not path.is_file():
+        raise RecipeError([f"{label}: file not found (check the path to the recipe)"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError([f"{label}: cannot read recipe ({e.__class__.__name__}: {e})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{label}:{mark.line + 1}" if mark is not None else label
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError([f"{where}: invalid YAML: {problem} (fix the syntax on that line)"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{label}: a recipe must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}"])
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except ValueError as e:
+            problems.append(f"{label}: override {item!r}: {e}")
+    if problems:
+        raise RecipeError(problems)
+    return validate_recipe(raw, label)
+
+
+def validate_recipe(raw: dict, label: str = "recipe") -> Recipe:
+    """Validate a plain dict; also checks that local data files and templates exist."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError([f"{label}: {line}" for line in _describe_errors(e, raw)]) from None
+    problems = [f"{label}: {p}" for p in _check_paths(recipe)]
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def _describe_errors(err: ValidationError, raw: dict) -> list[str]:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        # pydantic adds union-branch tags ("list[str]", "literal[...]") to loc; they mean nothing to a user.
+        field = _dotted(loc)
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown key{_suggest(loc)}")
+            continue
+        if e["type"] == "missing":
+            lines.append(f"{field}: required key is missing (add it; see `finetune validate --help`)")
+            continue
+        got = _lookup(raw, loc)
+        msg = _friendly(e)
+        lines.append(f"{field}: {msg} (got {_show(got)})")
+    # One problem per field: union branches can report the same field twice.
+    seen, unique = set(), []
+    for line in lines:
+        key = line.split(":")[0]
+        if key not in seen:
+            seen.add(key)
+            unique.append(line)
+    return unique
+
+
+def _friendly(e: dict) -> str:
+    t, ctx = e["type"], e.get("ctx", {})
+    if t in ("greater_than", "greater_than_equal") and e.get("input") is not None:
+        kind = "integer" if isinstance(e["input"], int) and not isinstance(e["input"], bool) else "number"
+        bound = ctx.get("gt", ctx.get("ge"))
+        if bound == 0:
+            return f"must be a {'positive' if t == 'greater_than' else 'non-negative'} {kind}"
+        return f"must be {'>' if t == 'greater_than' else '>='} {bound}"
+    if t == "less_than":
+        return f"must be < {ctx.get('lt')}"
+    if t == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if t in ("int_type", "int_parsing", "int_from_float"):
+        return "must be an integer"
+    if t in ("float_type", "float_parsing"):
+        return "must be a number"
+    if t in ("bool_type", "bool_parsing"):
+        return "must be true or false"
+    if t in ("string_type",):
+        return "must be a string"
+    if t in ("list_type",):
+        return "must be a list"
+    if t in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a mapping of keys (a YAML section)"
+    if t == "too_short":
+        return "must not be empty"
+    msg = e["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def _fields_at(loc: list) -> list[str]:
+    """Known field names of the section that `loc` points into."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return []
+        ann = info.annotation
+        model = _section_type(ann)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _section_type(ann):
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(loc: list) -> str:
+    known = _fields_at(loc)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.3) if known else []
+    if close:
+        return f" (did you mean {_dotted(list(loc[:-1]) + [close[0]])}?)"
+    return f" (known keys here: {', '.join(known)})" if known else " (remove it)"
+
+
+def _dotted(loc) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _lookup(raw: Any, loc) -> Any:
+    cur = raw
+    for p in loc:
+        try:
+            cur = cur[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return cur
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    text = text.removesuffix("\n...").removesuffix(" ...")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_paths(recipe: Recipe) -> list[str]:
+    from finetune.templates import template_problem  # templates imports nothing from us but recipe
+
+    problems = []
+    sources = [("data.train", s) for s in recipe.data.train] + [("data.eval", s) for s in (recipe.data.eval or [])]
+    for prefix, idx_src in _enumerate_sources(sources):
+        idx, src = idx_src
+        if looks_local(src.path) and not Path(src.path).exists():
+            problems.append(
+                f"{prefix}[{idx}].path: file not found (got {src.path!r}); relative paths are resolved from the current directory"
+            )
+    base = recipe.model.base
+    if (base.endswith(".gguf") or base.startswith(("/", "./", "../"))) and not Path(base).exists():
+        problems.append(f"model.base: file or directory not found (got {base!r})")
+    problem = template_problem(recipe.data.template)
+    if problem:
+        problems.append(f"data.template: {problem} (got {recipe.data.template!r})")
+    for i, task in enumerate(recipe.eval.tasks):
+        if task.kind in ("generate", "multiple_choice") and not task.path:
+            problems.append(f"eval.tasks[{i}].path: required for kind {task.kind} (give a JSONL file)")
+        elif task.path and not Path(task.path).exists():
+            problems.append(f"eval.tasks[{i}].path: file not found (got {task.path!r})")
+        if task.kind == "lm_eval" and not task.lm_eval_tasks:
+            problems.append(f"eval.tasks[{i}].lm_eval_tasks: list at least one lm-eval task name")
+        if "regex" in task.metrics and not task.pattern:
+            problems.append(f"eval.tasks[{i}].pattern: required by the regex metric")
+    return problems
+
+
+def _enumerate_sources(sources):
+    counters: dict[str, int] = {}
+    for prefix, src in sources:
+        i = counters.get(prefix, 0)
+        counters[prefix] = i + 1
+        yield prefix, (i, src)
+
+
+def looks_local(path: str) -> bool:
+    """A data path is local if it exists, has a data-file suffix, or is written as a path; else a hub id."""
+    p = Path(path)
+    return p.exists() or p.suffix in LOCAL_DATA_SUFFIXES or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: `lora.r=8 train.max_steps=20 data.train[0].path=x.jsonl`
+
+_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set a dotted key in the raw recipe dict. The value is parsed as YAML, so 8 -> int, true -> bool."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError("expected KEY=VALUE, e.g. lora.r=8")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not valid YAML: take it as the plain string the user typed
+    steps: list[str | int] = []
+    for part in key.strip().split("."):
+        m = _PART.match(part)
+        if not m:
+            raise ValueError(f"bad key segment {part!r}; use dotted names like train.max_steps or data.train[0].path")
+        steps.append(m.group(1))
+        steps.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    cur: Any = raw
+    for step, nxt in zip(steps, steps[1:]):
+        if isinstance(step, int):
+            if not isinstance(cur, list) or step >= len(cur):
+                raise ValueError(f"index [{step}] is out of range")
+            if not isinstance(cur[step], (dict, list)):
+                cur[step] = {} if isinstance(nxt, str) else []
+            cur = cur[step]
+        else:
+            if not isinstance(cur, dict):
+                raise ValueError(f"{step!r} is not inside a section")
+            if not isinstance(cur.get(step), (dict, list)):
+                cur[step] = {} if isinstance(nxt, str) else []
+            cur = cur[step]
+    last = steps[-1]
+    if isinstance(last, int):
+        if not isinstance(cur, list) or last >= len(cur):
+            raise ValueError(f"index [{last}] is out of range")
+        cur[last] = parsed
+    else:
+        if not isinstance(cur, dict):
+            raise ValueError(f"{last!r} is not inside a section")
+        cur[last] = parsed
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def field_docs(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field, for --help."""
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _section_type(info.annotation)
+        if sub is not None and sub is not DataSource and sub is not EvalTask:
+            rows.append((key, "", info.description or ""))
+            rows.extend(field_docs(sub, key + "."))
+        elif sub in (DataSource, EvalTask):
+            rows.append((key, "[]", info.description or ""))
+            rows.extend(field_docs(sub, key + "[]."))
+        else:
+            default = "required" if info.is_required() else _show(info.get_default(call_default_factory=True))
+            rows.append((key, default, info.description or ""))
+    return rows

@@ -1,0 +1,222 @@
+"""`finetune train`: Recipe -> checked tokenizer + data -> 4-bit base + LoRA -> TRL SFTTrainer -> adapter/.
+
+Reads top to bottom: setup (run dir, hardware, tokenizer, data, model) -> train -> save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from finetune import data as data_mod
+from finetune import rundir
+from finetune.hardware import choose_precision, detect_hardware
+from finetune.models import (attach_lora, check_special_ids, load_base, load_tokenizer, resize_for_tokenizer,
+                             resolve_base)
+from finetune.recipe import Recipe, recipe_to_yaml
+from finetune.report import write_report
+from finetune.templates import check_tokenizer_supports, load_template
+
+log = logging.getLogger("finetune")
+
+
+class RunDirError(Exception):
+    """The output directory is in a state we must not write over."""
+
+
+def adapter_complete(run: Path) -> bool:
+    return (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter" / "adapter_config.json").is_file()
+
+
+def check_run_dir(run: Path, resume: bool) -> None:
+    if adapter_complete(run) and not resume:
+        raise RunDirError(f"{run}: already holds a finished adapter; choose another output_dir "
+                          f"(e.g. output_dir={run}-2) or delete {run} to train again")
+    ckpts = sorted((run / "checkpoints").glob("checkpoint-*")) if (run / "checkpoints").is_dir() else []
+    if ckpts and not resume:
+        raise RunDirError(f"{run}: has checkpoints from an earlier run; add --resume to continue it, "
+                          "or choose another output_dir")
+
+
+def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train: int):
+    """Map the recipe onto SFTConfig. Every precision flag is set explicitly (SFTConfig defaults to bf16=True)."""
+    from trl import SFTConfig
+
+    t, d = recipe.train, recipe.data
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, math.ceil(n_train / (t.micro_batch_size * t.grad_accum * world)))
+    total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    eval_steps = t.eval_steps or max(1, total // 5)
+    report_to = [r for r in t.report_to if r != "none"] or "none"
+    return SFTConfig(
+        output_dir=str(run / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=precision.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=not hw.cuda,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        report_to=report_to,
+        max_length=d.max_length,
+        packing=d.packing,
+        packing_strategy="bfd",
+        # Our dataset already carries labels (assistant-only, EOS supervised); TRL must not rebuild them.
+        assistant_only_loss=False,
+        completion_only_loss=False,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False if world > 1 else None,
+    )
+
+
+class JsonlLogCallback:
+    """Append every trainer log (loss, lr, grad norm, eval loss) to train_log.jsonl on the main process."""
+
+    def __new__(cls, path: Path):
+        from transformers import TrainerCallback
+
+        class _Cb(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if state.is_world_process_zero and logs:
+                    with open(path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+        return _Cb()
+
+
+def keep_adapter_fp32(model) -> None:
+    """Undo TRL's cast of QLoRA adapter weights to bf16.
+
+    SFTTrainer casts trainable parameters of quantized models to bf16 regardless of the compute dtype. In fp32
+    compute (CPU) that silently trains bf16 weights whose small AdamW updates round away; with bf16 compute,
+    fp32 master weights under autocast are what PEFT does by default. The optimizer is built later, in
+    train(), so it sees the fp32 tensors.
+    """
+    import torch
+
+    for _, param in model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
+def print_data_summary(report: dict, template_name: str) -> None:
+    pct = report.get("length_percentiles", {})
+    lines = [
+        f"data: {report['rows']['train']} train rows, {report['rows']['held_out']} held out; template {template_name}",
+        f"      tokens {report['tokens']}, supervised {100 * report['supervised_fraction']:.1f}%, "
+        f"length p50 {pct.get('p50')} p95 {pct.get('p95')} max {pct.get('p100')}",
+        f"      truncated {report['truncated']}, dropped {report['dropped']['count']}, "
+        f"skipped bad rows {report['skipped_rows']['count']}, packing efficiency {report['packing_efficiency']:.2f}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False) -> Path:
+    run = Path(recipe.output_dir)
+    main = rundir.is_main_process()
+    check_run_dir(run, resume)
+    run.mkdir(parents=True, exist_ok=True)
+    rundir.setup_logging(run)
+
+    # --- setup: hardware, tokenizer, template
+    hw = detect_hardware(recipe.train.device)
+    precision = choose_precision(recipe, hw)
+    for w in precision.warnings:
+        log.warning(w)
+    source = resolve_base(recipe.model.base)
+    tok = load_tokenizer(recipe, source)
+    template = load_template(recipe.data.template, tok)
+    missing = check_tokenizer_supports(template, tok)
+    if missing:
+        raise data_mod.DataError(
+            f"data.template: template {template.name} needs special tokens the tokenizer lacks: {missing}; "
+            "use a template made for this model (see data_templates/README.md) or `template: tokenizer`")
+    problems = data_mod.check_template_tokens(tok, template)
+    if problems:
+        raise data_mod.DataError("; ".join(problems))
+
+    # --- data
+    prepared = data_mod.prepare(recipe, tok, template)
+    if main:
+        (run / "resolved.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        rundir.write_json(run / "data_report.json", prepared.report)
+        data_mod.write_held_out(run / "held_out.jsonl", prepared.held_out)
+        rundir.update_manifest(
+            run,
+            recipe_file=str(recipe_path),
+            recipe_sha256=rundir.sha256_text(Path(recipe_path).read_text(encoding="utf-8")),
+            resolved_sha256=rundir.sha256_text(recipe_to_yaml(recipe)),
+            data_sha256=data_mod.data_hashes(recipe),
+            base={"spec": source.spec, "hf_path": source.hf_path, "gguf_file": source.gguf_file},
+            template=template.name,
+            device=hw.name,
+            precision={"compute_dtype": precision.dtype_name, "bf16": precision.bf16, "fp16": precision.fp16,
+                       "optimizer": precision.optimizer, "attn_implementation": precision.attn_implementation},
+            warnings=list(precision.warnings),
+            versions=rundir.versions(),
+            git_commit=rundir.git_commit(),
+            started=rundir.now(),
+        )
+        print_data_summary(prepared.report, template.name)
+
+    # --- model
+    model = load_base(recipe, source, precision, hw)
+    resize_for_tokenizer(model, tok)
+    for p in check_special_ids(tok, model.config, getattr(model, "generation_config", None)):
+        log.warning("tokenizer/model mismatch: %s", p)
+    model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
+    model = attach_lora(model, recipe, recipe.train.gradient_checkpointing)
+    model.peft_config["default"].base_model_name_or_path = source.hf_path
+
+    # --- train
+    from trl import SFTTrainer
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
+    held_ds = None
+    if prepared.held_out:
+        held_enc, _ = data_mod.encode_all(prepared.held_out, tok, template, recipe.data.model_copy(update={"too_long": "truncate"}))
+        held_ds = data_mod.to_dataset(held_enc)
+    args = sft_config(recipe, precision, hw, run, held_ds is not None, len(prepared.train))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data_mod.to_dataset(prepared.train),
+                         eval_dataset=held_ds, processing_class=tok,
+                         callbacks=[JsonlLogCallback(run / "train_log.jsonl")])
+    keep_adapter_fp32(trainer.model)
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume or None)
+
+    # --- save
+    if main:
+        adapter = run / "adapter"
+        model.save_pretrained(adapter, safe_serialization=True)
+        tok.chat_template = template.source  # one template from training to every export
+        tok.save_pretrained(adapter)
+        rundir.update_manifest(run, finished=rundir.now(), train_seconds=round(time.time() - started, 1),
+                               global_step=trainer.state.global_step)
+        write_report(run)
+        log.info("adapter written to %s", adapter)
+    return run
