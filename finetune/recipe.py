@@ -51,6 +51,8 @@ class ModelSection(_Section):
             raise ValueError(f"unknown builtin model; choose one of: {', '.join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS)}")
         if not v.strip():
             raise ValueError("must name a base model (hub id, local directory, .gguf file or builtin:...)")
+        if (v.endswith(".gguf") or v.startswith(("/", "./", "../", "~"))) and not Path(v).expanduser().exists():
+            raise ValueError("file or directory not found (give an existing HF model directory or .gguf file)")
         return v
 
 
@@ -100,7 +102,14 @@ class DataSource(_Section):
     weight: float | None = Field(None, gt=0)
     """Relative sampling weight when mixing sources (rows are repeated or subsampled, seeded)."""
     max_samples: int | None = Field(None, gt=0)
-    """Use at most this many rows of this source (the first ones, after a seeded shuffle)."""
+    """Use at most this many rows of this source (a seeded sample)."""
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if looks_local(v) and not Path(v).expanduser().exists():
+            raise ValueError("file not found (relative paths are resolved from the current directory)")
+        return v
 
 
 class DataSection(_Section):
@@ -124,6 +133,16 @@ class DataSection(_Section):
     """What to do with an example longer than max_length. Rows left with no supervised token are dropped and counted."""
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row stops the run (error) or is skipped and counted in the report (skip)."""
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        from finetune.templates import template_problem  # templates imports nothing of ours
+
+        problem = template_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("held_out")
     @classmethod
@@ -403,22 +422,8 @@ def _show(value: Any) -> str:
 
 
 def _check_paths(recipe: Recipe) -> list[str]:
-    from finetune.templates import template_problem  # templates imports nothing from us but recipe
-
+    """Cross-field checks that need the whole recipe."""
     problems = []
-    sources = [("data.train", s) for s in recipe.data.train] + [("data.eval", s) for s in (recipe.data.eval or [])]
-    for prefix, idx_src in _enumerate_sources(sources):
-        idx, src = idx_src
-        if looks_local(src.path) and not Path(src.path).exists():
-            problems.append(
-                f"{prefix}[{idx}].path: file not found (got {src.path!r}); relative paths are resolved from the current directory"
-            )
-    base = recipe.model.base
-    if (base.endswith(".gguf") or base.startswith(("/", "./", "../"))) and not Path(base).exists():
-        problems.append(f"model.base: file or directory not found (got {base!r})")
-    problem = template_problem(recipe.data.template)
-    if problem:
-        problems.append(f"data.template: {problem} (got {recipe.data.template!r})")
     for i, task in enumerate(recipe.eval.tasks):
         if task.kind in ("generate", "multiple_choice") and not task.path:
             problems.append(f"eval.tasks[{i}].path: required for kind {task.kind} (give a JSONL file)")
@@ -429,14 +434,6 @@ def _check_paths(recipe: Recipe) -> list[str]:
         if "regex" in task.metrics and not task.pattern:
             problems.append(f"eval.tasks[{i}].pattern: required by the regex metric")
     return problems
-
-
-def _enumerate_sources(sources):
-    counters: dict[str, int] = {}
-    for prefix, src in sources:
-        i = counters.get(prefix, 0)
-        counters[prefix] = i + 1
-        yield prefix, (i, src)
 
 
 def looks_local(path: str) -> bool:
