@@ -57,7 +57,7 @@ def build_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      max_position_embeddings=512, initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -72,6 +72,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def color_rows(n: int = 32) -> list[dict]:
-    """A learnable toy task: map a word to a fixed answer."""
+    """A learnable toy task: map a colour to a fixed answer; every row's text is distinct."""
     pairs = [("red", "one"), ("green", "two"), ("blue", "three"), ("yes", "four")]
-    return [{"instruction": f"what is {a}", "input": "", "output": b} for a, b in (pairs * (n // len(pairs) + 1))[:n]]
+    fillers = WORDS[:20]
+    return [{"instruction": f"what is {pairs[i % 4][0]} {fillers[i // 4 % 20]} {i // 80}", "input": "",
+             "output": pairs[i % 4][1]} for i in range(n)]

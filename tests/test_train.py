@@ -1,0 +1,97 @@
+"""`finetune train` on the tiny fixture with real NF4 layers: the adapter loads, LoRA moved, the base did not."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_recipe
+from tiny import color_rows
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("train")
+    before = _sha(tiny_model_dir / "model.safetensors")
+    recipe = make_recipe(tmp, tiny_model_dir, rows=color_rows(16), data={"held_out": 4},
+                         train={"max_steps": 12, "learning_rate": 2e-2, "warmup_ratio": 0.0, "lr_scheduler": "constant"})
+    out = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"run": tmp / "run", "stdout": out.stdout, "stderr": out.stderr, "base_sha_before": before,
+            "model_dir": tiny_model_dir}
+
+
+def test_run_directory_contents(trained):
+    run = trained["run"]
+    for name in ("resolved.yaml", "manifest.json", "data_report.json", "held_out.jsonl", "train.log",
+                 "train_log.jsonl", "loss.png", "report.md", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "adapter/tokenizer_config.json"):
+        assert (run / name).exists(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["versions"]["transformers"] and manifest["device"] == "cpu"
+    assert len(manifest["recipe_sha256"]) == 64 and all(len(h) == 64 for h in manifest["data_sha256"].values())
+    assert manifest["precision"] == {"compute_dtype": "float32", "bf16": False, "fp16": False,
+                                     "optimizer": "adamw_torch", "attn_implementation": "sdpa"}
+    # the run's template travels with the adapter
+    template = (Path(__file__).parent.parent / "data_templates" / "chatml.jinja").read_text()
+    assert (run / "adapter" / "chat_template.jinja").read_text() == template
+    assert "data: 12 train rows, 4 held out" in trained["stdout"]
+    assert "## Training" in (run / "report.md").read_text()
+
+
+def test_loss_goes_down(trained):
+    logs = [json.loads(x) for x in (trained["run"] / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if "loss" in r]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert any("eval_loss" in r for r in logs), "held-out loss is logged"
+
+
+def test_adapter_loads_lora_changed_base_frozen(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, model_dir = trained["run"], trained["model_dir"]
+    assert _sha(model_dir / "model.safetensors") == trained["base_sha_before"]
+    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved), "only LoRA weights are trained and saved"
+    assert all(v.dtype == torch.float32 for v in saved.values()), "adapter trained in fp32, not TRL's bf16 cast"
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero and must have moved"
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    for name, tensor in model.base_model.model.state_dict().items():
+        plain = name.replace(".base_layer", "")
+        if "lora_" not in name:
+            assert torch.equal(tensor, reference[plain]), name
+
+
+def test_refuses_to_overwrite_finished_adapter(trained):
+    recipe = trained["run"].parent / "recipe.yaml"
+    out = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "already holds a finished adapter" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_data_row_is_one_line(tmp_path, tiny_model_dir):
+    rows = color_rows(4)
+    del rows[2]["output"]
+    recipe = make_recipe(tmp_path, tiny_model_dir, rows=rows)
+    out = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'train.jsonl'}:3: missing field 'output'")
+    assert "Traceback" not in out.stderr
