@@ -319,41 +319,72 @@ def encode(ex: Example, tok, template: ChatTemplate, max_length: int, train_on_p
 
 
 def render_ids_and_mask(messages: list[dict], tok, template: ChatTemplate) -> tuple[list[int], list[int]]:
-    if template.has_generation_markers:
-        out = tok.apply_chat_template(messages, chat_template=template.source, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
-        return list(out["input_ids"]), list(out["assistant_masks"])
-    return _mask_by_prefix(messages, tok, template)
-
-
-def _mask_by_prefix(messages, tok, template) -> tuple[list[int], list[int]]:
-    """For templates without {% generation %} (a model's own): each assistant turn is the text that rendering
-    it adds after the generation prompt."""
-    def ids_of(msgs, gen):
-        return list(tok.apply_chat_template(msgs, chat_template=template.source, tokenize=True,
-                                            return_dict=True, add_generation_prompt=gen)["input_ids"])
-
-    full = ids_of(messages, False)
-    mask = [0] * len(full)
-    end_id = tok.convert_tokens_to_ids(template.end_token(tok))
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(ids_of(messages[:i], True))
-        stop = len(ids_of(messages[: i + 1], False))
-        # Supervise through the end-of-turn token, not the separator newline after it.
-        span = full[start:stop]
-        if end_id in span:
-            stop = start + len(span) - span[::-1].index(end_id)
-        for k in range(start, min(stop, len(full))):
-            mask[k] = 1
-    return full, mask
+    """Token ids of a whole conversation and its assistant mask (1 = supervised reply token)."""
+    text, spans = render_with_spans(messages, tok, template, add_generation_prompt=False)
+    return _segmented_ids(text, spans, tok)
 
 
 def prompt_ids(messages: list[dict], tok, template: ChatTemplate) -> list[int]:
-    """The ids the model sees at inference for a conversation that ends with a user turn."""
-    return list(tok.apply_chat_template(messages, chat_template=template.source, tokenize=True,
-                                        return_dict=True, add_generation_prompt=True)["input_ids"])
+    """The ids the model sees at inference for a conversation that ends with a user turn.
+
+    Tokenised exactly like the prompt part of a training example, so what the model was trained to continue
+    is what it is asked to continue.
+    """
+    text, spans = render_with_spans(messages, tok, template, add_generation_prompt=True)
+    return _segmented_ids(text, spans, tok)[0]
+
+
+def render_with_spans(messages, tok, template: ChatTemplate, add_generation_prompt: bool):
+    """The rendered text and the character spans of every assistant reply (including its end token).
+
+    Templates with `{% generation %}` mark the spans themselves; for a model's own template without
+    markers, a reply is what rendering it adds after the generation prompt.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(msgs, gen):
+        out, idx = render_jinja_template(conversations=[msgs], chat_template=template.source,
+                                         return_assistant_tokens_mask=template.has_generation_markers,
+                                         add_generation_prompt=gen, **tok.special_tokens_map)
+        return out[0], (idx[0] if idx else [])
+
+    text, spans = render(messages, add_generation_prompt)
+    if template.has_generation_markers:
+        return text, [tuple(s) for s in spans]
+    end = template.end_token(tok)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, _ = render(messages[:i], True)
+        upto, _ = render(messages[: i + 1], False)
+        if not text.startswith(before) or not text.startswith(upto):
+            raise DataError(f"template {template.name}: rendering is not append-only, so replies cannot be located; "
+                            "use a template from data_templates/ (they mark replies with {% generation %})")
+        tail = upto[len(before):]
+        stop = len(before) + tail.rfind(end) + len(end) if end and end in tail else len(upto)
+        spans.append((len(before), stop))
+    return text, spans
+
+
+def _segmented_ids(text: str, spans, tok) -> tuple[list[int], list[int]]:
+    """Tokenise prompt and reply segments separately and concatenate.
+
+    BPE can merge characters across the prompt/reply boundary ("\\n\\n" + "red" -> "\\n\\nred"), which would make
+    the training prompt differ from the prompt tokenised alone at inference. Cutting at the boundaries makes
+    the prompt ids identical by construction.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    pos = 0
+    for start, stop in list(spans) + [(len(text), len(text))]:
+        for piece, supervised in ((text[pos:start], 0), (text[start:stop], 1)):
+            if piece:
+                part = tok(piece, add_special_tokens=False)["input_ids"]
+                ids += part
+                mask += [supervised] * len(part)
+        pos = stop
+    return ids, mask
 
 
 def check_template_tokens(tok, template: ChatTemplate) -> list[str]:

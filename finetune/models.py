@@ -120,18 +120,21 @@ def load_tokenizer(recipe, source: BaseSource):
     if recipe.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code shipped with %s will run", name)
     fixes = []
-    cls_fix = _misspelled_tokenizer_class(name)
+    known_bad = _decapoda_config(name)
     try:
-        if cls_fix:
-            from transformers import LlamaTokenizerFast
-            tok = LlamaTokenizerFast.from_pretrained(name, legacy=True)
-            fixes.append(cls_fix)
+        if known_bad:
+            # The class named in its tokenizer_config.json does not exist; tokenizer.json itself is fine.
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(name)
+            fixes.append(known_bad)
         else:
             tok = AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
     except OSError as e:
         raise ModelSourceError(f"model.tokenizer: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
     if not getattr(tok, "is_fast", False):
         raise ModelSourceError(f"model.tokenizer: {name} has no fast tokenizer (tokenizer.json); the assistant mask needs one")
+    fixes += fix_empty_special_tokens(tok)
     tok.padding_side = "right"
     fixes += fix_pad_token(tok)
     for f in fixes:
@@ -139,8 +142,9 @@ def load_tokenizer(recipe, source: BaseSource):
     return tok
 
 
-def _misspelled_tokenizer_class(name: str) -> str | None:
-    """The decapoda-research LLaMA-1 conversions name the class `LLaMATokenizer`, which does not exist."""
+def _decapoda_config(name: str) -> str | None:
+    """The decapoda-research LLaMA-1 conversions name the class `LLaMATokenizer`, which does not exist
+    (and leave bos/eos empty, while their config.json has bos 0 / eos 1 instead of 1 / 2)."""
     cfg = Path(name) / "tokenizer_config.json"
     if cfg.is_file():
         try:
@@ -149,8 +153,19 @@ def _misspelled_tokenizer_class(name: str) -> str | None:
             return None
         if cls == "LLaMATokenizer":
             return (f"{cfg}: tokenizer_class LLaMATokenizer (a decapoda-research conversion) does not exist; "
-                    "loaded as LlamaTokenizerFast instead")
+                    "loaded tokenizer.json directly")
     return None
+
+
+def fix_empty_special_tokens(tok) -> list[str]:
+    """Empty or missing bos/eos strings (decapoda) -> the LLaMA defaults <s> / </s> when the vocab has them."""
+    fixes = []
+    vocab = tok.get_vocab()
+    for name, default in (("bos_token", "<s>"), ("eos_token", "</s>")):
+        if not getattr(tok, name) and default in vocab:
+            setattr(tok, name, default)
+            fixes.append(f"tokenizer: {name} was empty; set to {default!r} (id {vocab[default]})")
+    return fixes
 
 
 def fix_pad_token(tok) -> list[str]:
@@ -178,6 +193,34 @@ def fix_pad_token(tok) -> list[str]:
 # Tokens our templates give meaning to: never reuse them as padding.
 TEMPLATE_CONTROL = {"<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                     "<|eom_id|>", "<|begin_of_text|>", "<|end_of_text|>"}
+
+
+def align_special_ids(tok, model) -> list[str]:
+    """Make config.json / generation_config.json agree with the tokenizer's BOS/EOS, and say so.
+
+    The tokenizer (with the template) decides which tokens the model is trained to emit; a config that
+    disagrees (the decapoda conversions say bos 0 / eos 1) would make generation stop on the wrong token
+    after export. The corrected configs are saved with the merged model.
+    """
+    fixes = check_special_ids(tok, model.config, getattr(model, "generation_config", None))
+    for name in ("bos", "eos"):
+        tid = getattr(tok, f"{name}_token_id")
+        if tid is None:
+            continue
+        setattr(model.config, f"{name}_token_id", tid)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            current = getattr(gen, f"{name}_token_id", None)
+            ids = current if isinstance(current, list) else ([current] if current is not None else [])
+            if name == "eos" and ids and tid not in ids:
+                setattr(gen, "eos_token_id", [tid] + ids)  # keep the model's own stop ids too
+            elif name == "bos" or not ids:
+                setattr(gen, f"{name}_token_id", tid)
+    if tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+    return [f"tokenizer/model mismatch fixed: {p}; the configs now follow the tokenizer" for p in fixes]
 
 
 def check_special_ids(tok, model_config, generation_config=None) -> list[str]:

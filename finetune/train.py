@@ -15,7 +15,7 @@ from pathlib import Path
 from finetune import data as data_mod
 from finetune import rundir
 from finetune.hardware import choose_precision, detect_hardware
-from finetune.models import (attach_lora, check_special_ids, load_base, load_tokenizer, resize_for_tokenizer,
+from finetune.models import (align_special_ids, attach_lora, load_base, load_tokenizer, resize_for_tokenizer,
                              resolve_base)
 from finetune.recipe import Recipe, recipe_to_yaml
 from finetune.report import write_report
@@ -187,8 +187,10 @@ def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False) -> Path
     # --- model
     model = load_base(recipe, source, precision, hw)
     resize_for_tokenizer(model, tok)
-    for p in check_special_ids(tok, model.config, getattr(model, "generation_config", None)):
-        log.warning("tokenizer/model mismatch: %s", p)
+    for fix in align_special_ids(tok, model):
+        log.warning(fix)
+        if main:
+            rundir.add_event(run, "tokenizer_fix", detail=fix)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
     model = attach_lora(model, recipe, recipe.train.gradient_checkpointing)
     model.peft_config["default"].base_model_name_or_path = source.hf_path
