@@ -206,18 +206,23 @@ class EvalTask(_Section):
     """held_out | generate | multiple_choice | lm_eval."""
     path: str | None = None
     """JSONL file of the task's rows (generate, multiple_choice)."""
-    metrics: list[str] = ["exact_match"]
-    """Generation metrics: exact_match, contains, regex, json_match, rouge_l, chrf."""
+    metrics: list[Literal["exact_match", "contains", "regex", "json_match", "rouge_l", "chrf"]] = ["exact_match"]
+    """Generation metrics (held_out, generate): exact_match, contains, regex, json_match (strict JSON, fraction
+    of fields equal), rouge_l, chrf. held_out adds loss and perplexity; every generation task adds stop_rate."""
     normalize: list[Literal["lower", "strip", "punctuation", "whitespace", "articles"]] = ["strip"]
-    """Normalisations applied before exact_match/contains."""
+    """Normalisations applied before exact_match/contains/regex."""
     pattern: str | None = None
-    """Regular expression for the regex metric."""
+    """Regular expression for the regex metric: without references it checks the format; with references
+    its first match (group 1 if any) must equal one."""
     max_new_tokens: int = Field(64, gt=0)
     """Generation budget per prompt."""
     lm_eval_tasks: list[str] = Field(default_factory=list)
     """lm-evaluation-harness task names (kind lm_eval)."""
     include_path: str | None = None
     """Directory of local lm-eval task YAMLs (kind lm_eval)."""
+    apply_chat_template: bool = False
+    """lm_eval: wrap each prompt in the run's chat template (lm-eval's --apply_chat_template). Off by
+    default, as in lm-eval's published numbers."""
 
 
 class EvalSection(_Section):
@@ -433,6 +438,10 @@ def _check_paths(recipe: Recipe) -> list[str]:
             problems.append(f"eval.tasks[{i}].lm_eval_tasks: list at least one lm-eval task name")
         if "regex" in task.metrics and not task.pattern:
             problems.append(f"eval.tasks[{i}].pattern: required by the regex metric")
+        if task.include_path and not Path(task.include_path).is_dir():
+            problems.append(f"eval.tasks[{i}].include_path: directory not found (got {task.include_path!r})")
+        if [t.name for t in recipe.eval.tasks].count(task.name) > 1:
+            problems.append(f"eval.tasks[{i}].name: {task.name!r} is used by another task; names must be unique")
     return problems
 
 

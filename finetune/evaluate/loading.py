@@ -1,0 +1,101 @@
+"""Open a run directory for inference: its recipe, tokenizer, template, stop tokens, and the models.
+
+The base is the same 4-bit base the adapter was trained on (built from the run's recipe), and the adapter
+is attached with PEFT; "base" is that same object with the adapter switched off, so base and tuned share
+every weight except the LoRA delta. The merged model is read from merged/ in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from finetune.evaluate.tasks import EvalError
+from finetune.recipe import Recipe, validate_recipe
+
+MODEL_CHOICES = ("base", "adapter", "merged")
+
+
+@dataclass
+class RunContext:
+    run: Path
+    recipe: Recipe
+    manifest: dict
+    tok: object
+    template: object
+    stops: list[int]
+    precision: object
+    hw: object
+
+
+def open_run(run: Path | str) -> RunContext:
+    from finetune import rundir
+    from finetune.evaluate.generation import stop_token_ids
+    from finetune.hardware import choose_precision, detect_hardware
+    from finetune.templates import load_template
+    from transformers import AutoTokenizer
+
+    run = Path(run)
+    if not (run / "resolved.yaml").is_file():
+        raise EvalError(f"{run}: not a run directory (no resolved.yaml); give the output_dir of a trained run")
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise EvalError(f"{run}: has no adapter yet; run `finetune train` (or `finetune run`) first")
+    recipe = validate_recipe(yaml.safe_load((run / "resolved.yaml").read_text(encoding="utf-8")),
+                             str(run / "resolved.yaml"))
+    # The adapter's tokenizer is the one training used: pad fix applied, the run's chat template inside.
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    template = load_template(recipe.data.template, tok)
+    hw = detect_hardware(recipe.train.device)
+    precision = choose_precision(recipe, hw)
+    return RunContext(run, recipe, rundir.read_manifest(run), tok, template, stop_token_ids(tok, template),
+                      precision, hw)
+
+
+def merged_ready(run: Path) -> bool:
+    m = Path(run) / "merged"
+    return (m / "config.json").is_file() and any(m.glob("*.safetensors"))
+
+
+def load_tuned(ctx: RunContext):
+    """The 4-bit base with the run's adapter attached (eval mode, no dropout)."""
+    from peft import PeftModel
+
+    from finetune.models import load_base, resize_for_tokenizer, resolve_base
+
+    base = load_base(ctx.recipe, resolve_base(ctx.recipe.model.base), ctx.precision, ctx.hw)
+    resize_for_tokenizer(base, ctx.tok)
+    model = PeftModel.from_pretrained(base, str(ctx.run / "adapter"), is_trainable=False)
+    return model.eval()
+
+
+def load_merged(ctx: RunContext):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import local_device
+
+    if not merged_ready(ctx.run):
+        raise EvalError(f"{ctx.run / 'merged'}: no merged model; run `finetune merge {ctx.run}` first "
+                        "(or evaluate with --model adapter)")
+    model = AutoModelForCausalLM.from_pretrained(
+        ctx.run / "merged", dtype=ctx.precision.compute_dtype, device_map={"": local_device(ctx.hw)},
+        trust_remote_code=ctx.recipe.model.trust_remote_code)
+    return model.eval()
+
+
+def as_model(model, name: str):
+    """A context manager giving the model to run as `name`: base = the PEFT model with its adapter off."""
+    if name == "base":
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def load_for_inference(run: Path | str, which: str = "adapter"):
+    """(context, model, name) for generate/chat: the adapter on its 4-bit base, the merged model, or the base."""
+    if which not in MODEL_CHOICES:
+        raise EvalError(f"--model: choose one of {', '.join(MODEL_CHOICES)} (got {which!r})")
+    ctx = open_run(run)
+    model = load_merged(ctx) if which == "merged" else load_tuned(ctx)
+    return ctx, model

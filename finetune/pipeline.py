@@ -1,0 +1,126 @@
+"""`finetune run RECIPE`: train -> merge -> eval -> export, each stage skipped when its output is complete
+and up to date, so a re-run after a crash continues where it stopped.
+
+Up to date means: complete by the stage's own test, and not older than the output of the stage before it
+(make's rule). Deleting merged/ therefore re-runs merge and every stage after it, and nothing before.
+This is the only module, besides the CLI, that imports more than one stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from finetune.recipe import Recipe, validate_recipe
+
+STAGES = ("train", "merge", "eval", "export")
+# Sections whose change makes an existing adapter a different experiment (eval/export may change freely).
+TRAINING_SECTIONS = ("model", "quantization", "lora", "data", "train", "output_dir")
+
+
+class PipelineError(Exception):
+    """The run directory holds something `finetune run` must not silently reuse or overwrite."""
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    ran: bool
+    why: str
+
+    def line(self) -> str:
+        return f"[{self.stage}] {'ran' if self.ran else 'skipped'}: {self.why}"
+
+
+def newest_mtime(path: Path) -> float:
+    """The last time anything under `path` was written (0 if it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_mtime
+    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0) if path.is_dir() else 0.0
+
+
+def training_changes(recipe: Recipe, run: Path) -> list[str]:
+    """Training keys whose value differs between this recipe and the one the run was trained with."""
+    resolved = run / "resolved.yaml"
+    if not resolved.is_file():
+        return []
+    old = validate_recipe(yaml.safe_load(resolved.read_text(encoding="utf-8")), str(resolved)).model_dump(mode="json")
+    new = recipe.model_dump(mode="json")
+    changes = []
+    for section in TRAINING_SECTIONS:
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            changes.append(f"{section}: {a!r} -> {b!r}")
+    return changes
+
+
+def _has_checkpoints(run: Path) -> bool:
+    return (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("checkpoint-*"))
+
+
+def stage_train(recipe: Recipe, recipe_path, overrides, run: Path) -> StageOutcome:
+    from finetune.train import adapter_complete, train
+
+    if adapter_complete(run):
+        changes = training_changes(recipe, run)
+        if changes:
+            raise PipelineError(f"{run}: holds an adapter trained with a different recipe ({'; '.join(changes[:4])}); "
+                                "choose another output_dir, or delete the run directory to train again")
+        return StageOutcome("train", False, f"adapter complete in {run / 'adapter'}")
+    resume = _has_checkpoints(run)
+    train(recipe, recipe_path, resume=resume, overrides=list(overrides))
+    return StageOutcome("train", True, "resumed from the latest checkpoint" if resume else "trained")
+
+
+def stage_merge(run: Path) -> StageOutcome:
+    from finetune.merge import merge_complete, merge_run
+
+    # merge_complete also checks that merged/ came from the adapter in adapter/ now.
+    if merge_complete(run) and newest_mtime(run / "merged") >= newest_mtime(run / "adapter"):
+        return StageOutcome("merge", False, "merged/ is complete and newer than the adapter")
+    merge_run(run)
+    return StageOutcome("merge", True, "merged into the dequantized base")
+
+
+def stage_eval(recipe: Recipe, run: Path) -> StageOutcome:
+    from finetune.evaluate import eval_complete, evaluate_run
+
+    results = run / "eval" / "results.json"
+    held = run / "held_out.jsonl"
+    if not recipe.eval.tasks and not (held.is_file() and held.stat().st_size):
+        return StageOutcome("eval", False, "nothing to evaluate (no eval.tasks and no held-out rows)")
+    if eval_complete(run, recipe) and newest_mtime(results) >= newest_mtime(run / "merged"):
+        return StageOutcome("eval", False, "results.json is up to date for this eval section")
+    evaluate_run(run, recipe=recipe)
+    return StageOutcome("eval", True, f"wrote {results}")
+
+
+def stage_export(recipe: Recipe, run: Path) -> StageOutcome:
+    ex = recipe.export
+    if not ex.formats:
+        return StageOutcome("export", False, "the recipe has no export formats")
+    from finetune.export import export_complete, export_run
+
+    if export_complete(run, ex.formats, ex.gguf_type) and newest_mtime(run / "export") >= newest_mtime(run / "merged"):
+        return StageOutcome("export", False, f"{', '.join(ex.formats)} complete and newer than merged/")
+    export_run(run, ex.formats, ex.gguf_type, ex.verify, None)
+    return StageOutcome("export", True, f"exported {', '.join(ex.formats)}")
+
+
+def run_pipeline(recipe: Recipe, recipe_path, overrides=(), echo=print) -> tuple[Path, list[StageOutcome]]:
+    """Run every stage that is not already complete and up to date; returns the run dir and what happened."""
+    run = Path(recipe.output_dir)
+    outcomes = []
+    steps = [lambda: stage_train(recipe, recipe_path, overrides, run), lambda: stage_merge(run),
+             lambda: stage_eval(recipe, run), lambda: stage_export(recipe, run)]
+    for name, step in zip(STAGES, steps):
+        echo(f"[{name}] ...")
+        outcome = step()
+        echo(outcome.line())
+        outcomes.append(outcome)
+    return run, outcomes
