@@ -306,10 +306,11 @@ class Encoded:
 
 def encode(ex: Example, tok, template: ChatTemplate, max_length: int, train_on_prompt: bool = False) -> Encoded:
     if ex.messages is None:
-        ids = tok(ex.text, add_special_tokens=False)["input_ids"]
-        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", True) is not False:
-            ids = [tok.bos_token_id] + ids
-        ids = ids + [tok.eos_token_id]
+        # The tokenizer's own post-processor decides about BOS (LLaMA adds it, ChatML models don't);
+        # EOS is always appended so the model learns where a document ends.
+        ids = tok(ex.text, add_special_tokens=True)["input_ids"]
+        if not ids or ids[-1] != tok.eos_token_id:
+            ids = ids + [tok.eos_token_id]
         labels = list(ids)
     else:
         ids, mask = render_ids_and_mask(ex.messages, tok, template)
@@ -411,7 +412,8 @@ def check_template_tokens(tok, template: ChatTemplate) -> list[str]:
 
 @dataclass
 class Prepared:
-    train: list[Encoded]
+    train: Any
+    """datasets.Dataset with input_ids and labels (what SFTTrainer receives)."""
     held_out: list[Example]
     report: dict = field(default_factory=dict)
 
@@ -497,7 +499,25 @@ def split_held_out(examples: list[Example], held_out: float, seed: int, tok, tem
     return train, held
 
 
-def prepare(recipe, tok, template: ChatTemplate) -> Prepared:
+def prepare(recipe, tok, template: ChatTemplate, use_cache: bool = True) -> Prepared:
+    """Sources -> checked rows -> held-out split -> ids + labels, with a report. Cached by fingerprint."""
+    from finetune import data_cache
+
+    key = data_cache.fingerprint(recipe, tok, template) if use_cache else None
+    if key:
+        hit = data_cache.load(key)
+        if hit is not None:
+            train, held_rows, report = hit
+            report["cache"] = {"hit": True, "key": key}
+            return Prepared(train, [Example(**r) for r in held_rows], report)
+    prepared = _prepare_uncached(recipe, tok, template)
+    if key:
+        data_cache.store(key, prepared.train, [vars(e) for e in prepared.held_out], prepared.report)
+        prepared.report["cache"] = {"hit": False, "key": key}
+    return prepared
+
+
+def _prepare_uncached(recipe, tok, template: ChatTemplate) -> Prepared:
     cfg = recipe.data
     report: dict = {}
     examples = load_examples(cfg.train, cfg, template, recipe.train.seed, report)
@@ -514,8 +534,33 @@ def prepare(recipe, tok, template: ChatTemplate) -> Prepared:
     encoded, counts = encode_all(train_ex, tok, template, cfg)
     report.update(counts)
     report["rows"] = {"train": len(encoded), "held_out": len(held)}
-    report.update(length_stats(encoded, cfg.max_length))
-    return Prepared(encoded, held, report)
+    report["rows_per_split_and_source"] = {
+        "train": _count_by_source(train_ex), "held_out": _count_by_source(held)}
+    report.update(length_stats(encoded, cfg.max_length, micro_batch=recipe.train.micro_batch_size))
+    report["examples"] = [render_example(e, tok, template, cfg) for e in train_ex[:2]]
+    return Prepared(to_dataset(encoded), held, report)
+
+
+def _count_by_source(examples: list[Example]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in examples:
+        src = e.loc.split("#")[0] if "#" in e.loc else e.loc.rsplit(":", 1)[0]
+        out[src] = out.get(src, 0) + 1
+    return out
+
+
+def render_example(ex: Example, tok, template: ChatTemplate, cfg) -> dict:
+    """A rendered example as segments [(text, supervised)], for `finetune data` and the report."""
+    enc = encode(ex, tok, template, cfg.max_length, cfg.train_on_prompt)
+    segments: list[list] = []
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        sup = lab != -100
+        piece = tok.decode([tid])
+        if segments and segments[-1][1] == sup:
+            segments[-1][0] += piece
+        else:
+            segments.append([piece, sup])
+    return {"loc": ex.loc, "segments": segments}
 
 
 def encode_all(examples: list[Example], tok, template, cfg) -> tuple[list[Encoded], dict]:
@@ -543,7 +588,7 @@ def encode_all(examples: list[Example], tok, template, cfg) -> tuple[list[Encode
     return out, {"truncated": truncated, "dropped": {"count": dropped, "first": first[:5]}}
 
 
-def length_stats(encoded: list[Encoded], max_length: int) -> dict:
+def length_stats(encoded: list[Encoded], max_length: int, micro_batch: int = 1) -> dict:
     import numpy as np
 
     lengths = np.array([len(e.input_ids) for e in encoded])
@@ -551,7 +596,18 @@ def length_stats(encoded: list[Encoded], max_length: int) -> dict:
     pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95, 100)}
     return {"tokens": int(lengths.sum()), "supervised_tokens": int(supervised),
             "supervised_fraction": float(supervised / max(1, lengths.sum())), "length_percentiles": pct,
-            "packing_efficiency": packing_efficiency(lengths.tolist(), max_length)}
+            "packing_efficiency": packing_efficiency(lengths.tolist(), max_length),
+            "padded_efficiency": padded_efficiency(lengths.tolist(), micro_batch)}
+
+
+def padded_efficiency(lengths: list[int], micro_batch: int) -> float:
+    """Fraction of non-pad tokens when shuffled rows are padded to the longest in each micro-batch (no packing).
+
+    Estimated over a seeded shuffle, as the trainer's sampler would order them."""
+    order = list(lengths)
+    random.Random(0).shuffle(order)
+    padded = sum(max(order[i:i + micro_batch]) * len(order[i:i + micro_batch]) for i in range(0, len(order), micro_batch))
+    return float(sum(order) / padded) if padded else 0.0
 
 
 def packing_efficiency(lengths: list[int], max_length: int) -> float:

@@ -48,6 +48,7 @@ def test_run_directory_contents(trained):
     template = (Path(__file__).parent.parent / "data_templates" / "chatml.jinja").read_text()
     assert (run / "adapter" / "chat_template.jinja").read_text() == template
     assert "data: 12 train rows, 4 held out" in trained["stdout"]
+    assert "[[" in trained["stdout"], "the summary shows the supervised span of an example"
     assert "## Training" in (run / "report.md").read_text()
 
 

@@ -1,0 +1,49 @@
+"""What training will see, for a person: `finetune data RECIPE` and the summary `finetune train` prints.
+
+Supervised spans are highlighted in colour on a terminal and wrapped in [[...]] when piped, so the mask
+can be checked by eye (and by grep) before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _highlight(segments: list[list], color: bool) -> str:
+    out = []
+    for text, supervised in segments:
+        if not supervised:
+            out.append(text)
+        elif color:
+            out.append(f"\x1b[1;32m{text}\x1b[0m")
+        else:
+            out.append(f"[[{text}]]")
+    return "".join(out)
+
+
+def format_report(report: dict, color: bool | None = None, examples: int = 2) -> str:
+    color = sys.stdout.isatty() if color is None else color
+    rows = report.get("rows", {})
+    pct = report.get("length_percentiles", {})
+    skipped = report.get("skipped_rows", {"count": 0, "first": []})
+    dropped = report.get("dropped", {"count": 0, "first": []})
+    lines = [f"data: {rows.get('train')} train rows, {rows.get('held_out')} held out"
+             + (" (from cache)" if report.get("cache", {}).get("hit") else "")]
+    for split, by_source in report.get("rows_per_split_and_source", {}).items():
+        for source, n in by_source.items():
+            lines.append(f"  {split:<8} {n:>7}  {source}")
+    lines += [
+        f"tokens: {report.get('tokens')} in train, {100 * report.get('supervised_fraction', 0):.1f}% supervised",
+        "length percentiles: " + ", ".join(f"{k} {v}" for k, v in pct.items()),
+        f"truncated: {report.get('truncated', 0)}; dropped: {dropped['count']}; skipped bad rows: {skipped['count']}",
+        f"non-pad tokens per batch: {100 * report.get('packing_efficiency', 0):.1f}% packed, "
+        f"{100 * report.get('padded_efficiency', 0):.1f}% padded (no packing)",
+        f"duplicates: {report.get('duplicates', {})}",
+    ]
+    for what, block in (("dropped", dropped), ("skipped", skipped)):
+        for loc in block.get("first", [])[:3]:
+            lines.append(f"  {what}: {loc}")
+    for ex in report.get("examples", [])[:examples]:
+        lines.append(f"--- example {ex['loc']} (supervised spans {'in green' if color else 'in [[...]]'})")
+        lines.append(_highlight(ex["segments"], color))
+    return "\n".join(lines)
