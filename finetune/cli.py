@@ -227,6 +227,110 @@ def chat(run_dir: Path = typer.Argument(..., help="Run directory."),
         history.append({"role": "assistant", "content": gen.text})
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory (the recipe's output_dir)."),
+             limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N rows of each task "
+                                                 "(a quick check)."),
+             model: Optional[str] = typer.Option(None, "--model", help="Fine-tuned model to compare with the base: "
+                                                 "adapter | merged | both (default: the recipe's eval.model).")):
+    """Evaluate base vs fine-tuned on the recipe's eval tasks; writes RUN_DIR/eval/ (results.json, report.md)."""
+    from finetune.evaluate import evaluate_run
+
+    results = evaluate_run(run_dir, limit=limit, model=model, echo=lambda m: typer.echo(m, err=True))
+    typer.echo((results.parent / "table.md").read_text(encoding="utf-8"))
+    typer.echo(f"report: {results.parent / 'report.md'}")
+
+
+@app.command("run", epilog=_recipe_help())
+@user_errors
+def run_cmd(recipe: Path = typer.Argument(..., help="Recipe YAML."),
+            overrides: List[str] = typer.Argument(None, help="KEY=VALUE overrides, e.g. train.max_steps=20.")):
+    """Train, merge, evaluate and export in one go. A stage whose output is complete and up to date is
+    skipped, so re-running after a crash continues where it stopped."""
+    from finetune.pipeline import run_pipeline
+
+    r = load_recipe(recipe, overrides or [])
+    run_dir, _ = run_pipeline(r, recipe, overrides or [], echo=lambda m: typer.echo(m, err=True))
+    table = run_dir / "eval" / "table.md"
+    if table.is_file():
+        typer.echo(table.read_text(encoding="utf-8"))
+    typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+def _reply(model, ctx, messages, max_new_tokens: int, temperature: float):
+    from finetune.data import prompt_ids
+    from finetune.evaluate.generation import stream_reply
+
+    def out(text: str):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    gen = stream_reply(model, ctx.tok, prompt_ids(messages, ctx.tok, ctx.template), ctx.stops, max_new_tokens,
+                       out, temperature)
+    sys.stdout.write("\n")
+    if not gen.stopped:
+        typer.echo(f"[stopped at --max-new-tokens {max_new_tokens} without the end token]", err=True)
+    return gen
+
+
+_MODEL_HELP = "adapter (on its 4-bit base), merged, or base (the 4-bit base alone)."
+
+
+@app.command()
+@user_errors
+def generate(run_dir: Path = typer.Argument(..., help="Run directory."),
+             prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+             model: str = typer.Option("adapter", "--model", help=_MODEL_HELP),
+             system: Optional[str] = typer.Option(None, "--system", help="System message (default: the recipe's "
+                                                  "data.system_prompt)."),
+             max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+             temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy.")):
+    """Answer one prompt with the run's template and stop tokens, streaming tokens as they come."""
+    from finetune.evaluate.loading import as_model, load_for_inference
+
+    ctx, m = load_for_inference(run_dir, model)
+    system = system if system is not None else ctx.recipe.data.system_prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    with as_model(m, model):
+        _reply(m, ctx, messages, max_new_tokens, temperature)
+
+
+@app.command()
+@user_errors
+def chat(run_dir: Path = typer.Argument(..., help="Run directory."),
+         model: str = typer.Option("adapter", "--model", help=_MODEL_HELP),
+         system: Optional[str] = typer.Option(None, "--system", help="System message (default: the recipe's "
+                                              "data.system_prompt)."),
+         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy.")):
+    """Chat with the fine-tuned model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
+    from finetune.evaluate.loading import as_model, load_for_inference
+
+    ctx, m = load_for_inference(run_dir, model)
+    system = system if system is not None else ctx.recipe.data.system_prompt
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    typer.echo(f"chatting with {run_dir} ({model}); /reset clears the history, /exit quits", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            typer.echo("", err=True)
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        with as_model(m, model):
+            gen = _reply(m, ctx, history, max_new_tokens, temperature)
+        history.append({"role": "assistant", "content": gen.text})
+
+
 def run() -> None:  # console-script entry point
     app()
 
