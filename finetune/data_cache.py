@@ -16,7 +16,8 @@ from pathlib import Path
 
 from finetune import __version__
 
-_CODE_FILES = ("data.py", "data_cache.py", "templates.py")
+_CODE_FILES = ("data/readers.py", "data/formats.py", "data/encode.py", "data/prepare.py", "data_cache.py",
+               "templates.py")
 
 
 def _code_version() -> str:

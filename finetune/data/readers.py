@@ -1,0 +1,152 @@
+"""Reading rows from local files (with file:line locations) or the hub. Unparseable rows become RowErrors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from finetune.recipe import DataSource, looks_local
+
+
+class DataError(Exception):
+    """One bad row or file: the message starts with `file:line` and names the field."""
+
+
+class RowError(DataError):
+    """A single row is bad; with data.on_bad_row: skip it is counted and skipped instead of fatal."""
+
+    def __init__(self, loc: str, problem: str):
+        self.loc, self.problem = loc, problem
+        super().__init__(f"{loc}: {problem}")
+
+
+def source_files(src: DataSource) -> list[Path]:
+    p = Path(src.path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in (".json", ".jsonl", ".csv", ".parquet"))
+        if not files:
+            raise DataError(f"{p}: directory has no .json/.jsonl/.csv/.parquet files")
+        return files
+    return [p]
+
+
+def read_records(src: DataSource) -> Iterator[tuple[str, Any]]:
+    """Yield (location, record) for every row of a source. Unparseable rows raise DataError."""
+    if not looks_local(src.path):
+        yield from _read_hub(src)
+        return
+    for path in source_files(src):
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file is empty (add rows, or remove it from data.train)")
+        suffix = path.suffix
+        if suffix == ".jsonl":
+            yield from _read_jsonl(path)
+        elif suffix == ".json":
+            yield from _read_json(path)
+        elif suffix == ".csv":
+            yield from _read_csv(path)
+        elif suffix == ".parquet":
+            yield from _read_parquet(path)
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def _decode(path: Path, raw: bytes, lineno: int | None = None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if lineno is None:
+            lineno = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(path, raw, lineno).strip()
+            if not line:
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                # Yielded, not raised: a generator that raises is finished, and on_bad_row: skip must go on.
+                yield f"{path}:{lineno}", RowError(f"{path}:{lineno}", f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def _read_json(path: Path):
+    text = _decode(path, path.read_bytes())
+    dec = json.JSONDecoder()
+    i = _skip_ws(text, 0)
+    if i >= len(text):
+        raise DataError(f"{path}: file is empty")
+    if text[i] != "[":
+        # A single object, or JSON Lines saved with a .json suffix.
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+        if _skip_ws(text, end) < len(text):
+            yield from _read_jsonl(path)
+            return
+        rows = obj.get("data") if isinstance(obj, dict) and isinstance(obj.get("data"), list) else None
+        if rows is None:
+            raise DataError(f"{path}:1: expected a JSON array of rows (or JSON Lines)")
+        for k, r in enumerate(rows):
+            yield f"{path}:row {k}", r
+        return
+    i = _skip_ws(text, i + 1)
+    while i < len(text) and text[i] != "]":
+        line = text.count("\n", 0, i) + 1
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            # Inside one JSON array there is no way to resynchronise, so this is fatal even with skip.
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+        yield f"{path}:{line}", obj
+        i = _skip_ws(text, i)
+        if i < len(text) and text[i] == ",":
+            i = _skip_ws(text, i + 1)
+        elif i < len(text) and text[i] != "]":
+            raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: invalid JSON: expected ',' or ']'")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _read_csv(path: Path):
+    text = _decode(path, path.read_bytes())
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    for rec in reader:
+        yield f"{path}:{reader.line_num}", {k: v for k, v in rec.items() if k is not None}
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: file has no rows")
+    for k, rec in enumerate(table.to_pylist()):
+        yield f"{path}:row {k}", rec
+
+
+def _read_hub(src: DataSource):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.path, split=src.split)
+    except Exception as e:  # network errors, missing datasets and bad splits all surface differently
+        raise DataError(f"data.train: cannot load hub dataset {src.path!r} split {src.split!r}: "
+                        f"{str(e).splitlines()[0]} (offline? use a local file)") from None
+    for k, rec in enumerate(ds):
+        yield f"{src.path}[{src.split}]#{k}", rec
