@@ -25,7 +25,8 @@ def trained(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("train")
     before = _sha(tiny_model_dir / "model.safetensors")
     recipe = make_recipe(tmp, tiny_model_dir, rows=color_rows(16), data={"held_out": 4},
-                         train={"max_steps": 12, "learning_rate": 2e-2, "warmup_ratio": 0.0, "lr_scheduler": "constant"})
+                         train={"max_steps": 12, "learning_rate": 2e-2, "warmup_ratio": 0.0, "lr_scheduler": "constant",
+                                "report_to": ["tensorboard"]})
     out = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe)], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -50,6 +51,7 @@ def test_run_directory_contents(trained):
     assert "data: 12 train rows, 4 held out" in trained["stdout"]
     assert "[[" in trained["stdout"], "the summary shows the supervised span of an example"
     assert "## Training" in (run / "report.md").read_text()
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*")), "TensorBoard logs in the run directory"
 
 
 def test_loss_goes_down(trained):
