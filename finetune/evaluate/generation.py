@@ -32,6 +32,11 @@ def stop_token_ids(tok, template) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def _pad_id(tok) -> int:
+    # Padded positions are masked out, so any id works when a tokenizer has no pad token.
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -62,7 +67,7 @@ def _finish(new_ids: list[int], stops: list[int], tok) -> Generation:
 def greedy_generate(model, tok, prompts: list[list[int]], stops: list[int], max_new_tokens: int,
                     batch_size: int = 8, desc: str | None = None) -> list[Generation]:
     """Greedy replies to token-id prompts, batched longest-first with left padding."""
-    pad = tok.pad_token_id
+    pad = _pad_id(tok)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Generation | None] = [None] * len(prompts)
     dev = _device(model)
@@ -85,10 +90,11 @@ def greedy_generate(model, tok, prompts: list[list[int]], stops: list[int], max_
 
 
 @torch.no_grad()
-def masked_nll(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
+def masked_nll(model, seqs: list[tuple[list[int], list[int]]], pad_id: int | None, batch_size: int = 8,
                desc: str | None = None) -> list[tuple[float, int]]:
     """For each (input_ids, labels) pair: the summed negative log-likelihood of the labelled tokens
     (labels != -100, each predicted from the tokens before it) and how many there are."""
+    pad_id = 0 if pad_id is None else pad_id
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out: list[tuple[float, int] | None] = [None] * len(seqs)
     dev = _device(model)
@@ -132,6 +138,6 @@ def stream_reply(model, tok, prompt: list[int], stops: list[int], max_new_tokens
     dev = _device(model)
     ids = torch.tensor([prompt], device=dev)
     gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         generation_config=_config(stops, tok.pad_token_id, max_new_tokens, temperature),
+                         generation_config=_config(stops, _pad_id(tok), max_new_tokens, temperature),
                          streamer=_Streamer(tok, skip_prompt=True, skip_special_tokens=True))
     return _finish(gen[0, len(prompt):].tolist(), stops, tok)

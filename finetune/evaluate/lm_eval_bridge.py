@@ -17,15 +17,18 @@ log = logging.getLogger("finetune")
 
 
 def _manager(task):
-    return _cached_manager(task.include_path)
+    if task.include_path:
+        local = _cached_manager(task.include_path, False)
+        if all(name in local.all_tasks for name in task.lm_eval_tasks):
+            return local  # every task is local: skip indexing the hundreds lm-eval ships (seconds)
+    return _cached_manager(task.include_path, True)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_manager(include_path: str | None):
-    # Indexing every task YAML lm-eval ships takes seconds; once per process is enough.
+def _cached_manager(include_path: str | None, defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
 def check_tasks(task) -> None:
