@@ -210,6 +210,25 @@ def test_stop_rate_is_zero_or_one(tiny_model_dir):
     assert [o["text"] for o in out.outputs] == ["", ""]
 
 
+def test_batched_left_padded_generation_equals_one_by_one(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.data import prompt_ids
+    from finetune.evaluate.generation import greedy_generate
+    from finetune.models import fix_pad_token
+
+    ctx = _ctx(tiny_model_dir)
+    fix_pad_token(ctx.tok)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = [prompt_ids([{"role": "user", "content": c}], ctx.tok, ctx.template)
+               for c in ("what is red", "the quick brown fox jumps over a lazy dog what is", "hi")]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: the batch really is padded
+    batched = greedy_generate(model, ctx.tok, prompts, ctx.stops, 10, batch_size=3)
+    single = [greedy_generate(model, ctx.tok, [p], ctx.stops, 10, batch_size=1)[0] for p in prompts]
+    assert [(g.text, g.stopped) for g in batched] == [(g.text, g.stopped) for g in single]
+    assert any(g.text for g in batched)
+
+
 def _copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "eval"))
     return dest
