@@ -331,6 +331,54 @@ def chat(run_dir: Path = typer.Argument(..., help="Run directory."),
         history.append({"role": "assistant", "content": gen.text})
 
 
+@app.command()
+@user_errors
+def merge(run_dir: Path = typer.Argument(..., help="Run directory (the recipe's output_dir)."),
+          base: str = typer.Option("dequantized", "--base", help="dequantized: merge into dequant(NF4(W)), what the "
+                                   "adapter was trained on. original: merge into the 16-bit W (drifts; measured).")):
+    """Merge the adapter into a standalone model (RUN_DIR/merged) and report its fidelity to the adapter."""
+    from finetune.merge import merge_run
+
+    out = merge_run(run_dir, base=base)
+    typer.echo(f"merged: {out}  (fidelity: {out / 'fidelity.json'})")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@user_errors
+def export(ctx: typer.Context,
+           run_dir: Path = typer.Argument(..., help="Run directory (the recipe's output_dir)."),
+           formats: List[str] = typer.Option(..., "--format", help="hf, adapter, gguf, ollama; several may follow "
+                                             "one --format (--format gguf ollama adapter)."),
+           gguf_type: str = typer.Option("f16", "--gguf-type", help="f16 | bf16 | q8_0 | f32."),
+           verify: bool = typer.Option(False, "--verify", help="Check the GGUF against HF in llama.cpp "
+                                       "(llama-cpp-python): tokenisation and logits; writes export/verify.json."),
+           push: Optional[str] = typer.Option(None, "--push", help="Push the merged model (--format hf) to this "
+                                              "hub repo.")):
+    """Export the run: merged HF model, PEFT adapter, GGUF (pure Python) and an Ollama Modelfile.
+    Merges first when merged/ is missing or older than the adapter."""
+    from finetune.export import NEEDS_MERGED, export_run, normalize_formats
+    from finetune.merge import merge_complete, merge_run
+
+    wanted = normalize_formats(_split_formats(formats + list(ctx.args)), verify)
+    if any(f in NEEDS_MERGED for f in wanted) and not merge_complete(run_dir):
+        typer.echo("merged/ is missing or older than the adapter: merging first", err=True)
+        merge_run(run_dir)
+    results = export_run(run_dir, wanted, gguf_type=gguf_type, verify=verify, push=push)
+    for fmt in wanted:
+        typer.echo(f"{fmt}: {results[fmt]}")
+    if verify and not results["verify"]["passed"]:
+        raise typer.Exit(1)
+
+
+def _split_formats(formats: List[str]) -> List[str]:
+    """`--format gguf ollama` arrives as one option value plus extra arguments (click options take one value
+    each); commas and spaces inside a value work too."""
+    out = []
+    for f in formats:
+        out += [x for x in f.replace(",", " ").split() if x]
+    return out
+
+
 def run() -> None:  # console-script entry point
     app()
 

@@ -2,10 +2,12 @@
 
 from finetune.data import DataError
 from finetune.evaluate.tasks import EvalError
+from finetune.export import ExportError
+from finetune.merge import MergeError
 from finetune.models import ModelSourceError
 from finetune.pipeline import PipelineError
 from finetune.recipe import RecipeError
 from finetune.train import RunDirError
 
 USER_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, ModelSourceError, RunDirError, EvalError,
-                                            PipelineError)
+                                            PipelineError, MergeError, ExportError)

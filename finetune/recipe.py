@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
@@ -26,6 +26,12 @@ class RecipeError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def _reading_run_dir(info: ValidationInfo) -> bool:
+    """True when a run directory's resolved.yaml is read back (load_resolved): its data and template files were
+    checked when it was trained, and may have moved since or be relative to another directory."""
+    return bool(info.context and info.context.get("run_dir"))
 
 
 class _Section(BaseModel):
@@ -106,7 +112,9 @@ class DataSource(_Section):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, v: str) -> str:
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        if _reading_run_dir(info):
+            return v
         if looks_local(v) and not Path(v).expanduser().exists():
             raise ValueError("file not found (relative paths are resolved from the current directory)")
         return v
@@ -136,8 +144,11 @@ class DataSection(_Section):
 
     @field_validator("template")
     @classmethod
-    def _known_template(cls, v: str) -> str:
+    def _known_template(cls, v: str, info: ValidationInfo) -> str:
         from finetune.templates import template_problem  # templates imports nothing of ours
+
+        if _reading_run_dir(info):
+            return v
 
         problem = template_problem(v)
         if problem:
@@ -312,6 +323,21 @@ def validate_recipe(raw: dict, label: str = "recipe") -> Recipe:
     if problems:
         raise RecipeError(problems)
     return recipe
+
+
+def load_resolved(path: str | Path) -> Recipe:
+    """Read back RUN/resolved.yaml for the stages after training (merge, export, eval), from any directory.
+
+    The schema is checked; the existence of data and template files is not (see _reading_run_dir).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: missing; this does not look like a run directory written by `finetune train`"])
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return Recipe.model_validate(raw, context={"run_dir": True})
+    except ValidationError as e:
+        raise RecipeError([f"{path}: {line}" for line in _describe_errors(e, raw)]) from None
 
 
 def _describe_errors(err: ValidationError, raw: dict) -> list[str]:

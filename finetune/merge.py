@@ -1,0 +1,430 @@
+"""`finetune merge`: fold the LoRA adapter into a standalone model that computes what the adapter computed.
+
+The adapter was trained against dequant(NF4(W)), not against W. So the default merge reloads the base exactly
+as training did (same BitsAndBytesConfig), dequantises every 4-bit layer to the compute dtype, and adds the
+LoRA delta to *that*. `--base original` adds the delta to the 16-bit W instead, which carries the NF4 error
+into the merged model; we allow it, but we measure it.
+
+Every merge measures itself: `merged/fidelity.json` compares the adapter on its NF4 base with the merged
+model on a probe set (KL of the next-token distributions, argmax agreement, max |Δ logit|, greedy generations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune import rundir
+from finetune.data import prompt_ids, render_ids_and_mask
+from finetune.hardware import Hardware, Precision, detect_hardware
+from finetune.models import BaseSource, load_base, resize_for_tokenizer
+from finetune.recipe import Recipe, load_resolved
+from finetune.report import write_report
+from finetune.templates import ChatTemplate, load_template
+from finetune.templates import _parse as parse_template
+
+log = logging.getLogger("finetune")
+
+MARKER = ".complete"
+BASES = ("dequantized", "original")
+MAX_PROBES = 8
+MAX_PROBE_TOKENS = 192
+"""Per probe. The reference logits of every probe position are kept in memory while the model is merged."""
+GEN_TOKENS = 16
+GEN_PROMPTS = 4
+"""Greedy generations compared: few and short, since the NF4 reference decodes slowly on a CPU."""
+
+BUILTIN_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a neural network is.",
+    "List three colours.",
+]
+
+
+class MergeError(Exception):
+    """The run directory cannot be merged as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+
+
+@dataclass
+class RunInfo:
+    run: Path
+    recipe: Recipe
+    source: BaseSource
+    precision: Precision
+    template: ChatTemplate
+    tok: object
+
+
+def read_run(run: Path) -> RunInfo:
+    """Everything merge needs, read back from what `finetune train` wrote."""
+    from transformers import AutoTokenizer
+
+    run = Path(run)
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise MergeError(f"{adapter}: no finished adapter here; run `finetune train` first (or check the run directory)")
+    recipe = load_resolved(run / "resolved.yaml")
+    manifest = rundir.read_manifest(run)
+    base = manifest.get("base") or {}
+    if not base.get("hf_path"):
+        raise MergeError(f"{run / 'manifest.json'}: base.hf_path is missing; the run did not finish its setup")
+    source = BaseSource(base.get("spec", recipe.model.base), base["hf_path"], base.get("gguf_file"))
+    prec = manifest.get("precision") or {}
+    dtype = getattr(torch, prec.get("compute_dtype", "float32"))
+    # Only the dtype and the attention kernel matter for loading; the optimizer is irrelevant here.
+    precision = Precision(dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, optimizer="adamw_torch",
+                          attn_implementation=prec.get("attn_implementation", "sdpa"))
+    tok = AutoTokenizer.from_pretrained(adapter)
+    template = run_template(recipe, tok)
+    return RunInfo(run, recipe, source, precision, template, tok)
+
+
+def run_template(recipe: Recipe, tok) -> ChatTemplate:
+    """The template text saved with the adapter (exactly what training rendered), with its header's metadata."""
+    if getattr(tok, "chat_template", None):
+        return parse_template(Path(recipe.data.template).stem, tok.chat_template)
+    return load_template(recipe.data.template, tok)
+
+
+def _adapter_sha(run: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        h.update((Path(run) / "adapter" / name).read_bytes())
+    return h.hexdigest()
+
+
+def merge_complete(run: Path) -> bool:
+    """merged/ was finished (its marker is written last) from the adapter that is in adapter/ now."""
+    run = Path(run)
+    marker = run / "merged" / MARKER
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    if not marker.is_file() or not adapter.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    return marker.stat().st_mtime >= adapter.stat().st_mtime and info.get("adapter_sha256") == _adapter_sha(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: dequantise, refuse 4-bit, merge
+
+
+def four_bit_modules(model) -> list[str]:
+    """Names of modules whose weight is still packed 4-bit (bitsandbytes Params4bit)."""
+    return [name for name, mod in model.named_modules()
+            if type(getattr(mod, "weight", None)).__name__ == "Params4bit"]
+
+
+def keep_training_nf4_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit the first time it runs in eval mode
+    without gradients: it rounds the absmax scales to bf16 and computes in bf16. Training never takes that
+    path, so the repacked layer is no longer the NF4 weight the adapter was trained against, and the repack
+    cannot be undone exactly. Keep the standard layout so the reference and the dequantisation see the
+    training-time weights.
+    """
+    import bitsandbytes as bnb
+
+    mods = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in mods:
+        m.support_avx512bf16_for_cpu = False
+    return len(mods)
+
+
+def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes Linear4bit by a plain Linear holding dequant(NF4(W)) in `dtype`.
+
+    One layer at a time, so the packed weights are freed as the dense ones appear and peak memory stays
+    near one dense copy of the model.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    for name, mod in targets:
+        if getattr(mod.weight.quant_state, "packing_format_for_cpu", False):
+            raise MergeError(f"{name}: bitsandbytes repacked this layer for its CPU kernel (bf16 scales), so its "
+                             "training-time NF4 weights are lost; call keep_training_nf4_layout before any forward")
+        w = dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
+        dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                device=w.device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w.reshape(mod.out_features, mod.in_features))
+            if mod.bias is not None:
+                dense.bias.copy_(mod.bias.to(dtype))
+        dense.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        del w
+    _forget_quantization(model)
+    return len(targets)
+
+
+def _forget_quantization(model) -> None:
+    """Detach transformers' bnb quantizer so the model saves and reloads as a plain dense checkpoint."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(inner)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(inner, attr, False):
+            setattr(inner, attr, False)
+
+
+def merge_lora(peft_model):
+    """Add each LoRA delta (B·A·alpha/r, computed in fp32) to its dense base weight; return the plain model.
+
+    Refuses a model that is still 4-bit in memory: adding the delta to a 4-bit layer means re-quantising
+    the sum, which rounds most of the (small) delta away. Dequantise first.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    still = four_bit_modules(peft_model)
+    if still:
+        raise MergeError(
+            f"refusing to merge into a model that is still 4-bit in memory ({len(still)} layers, e.g. {still[0]}): "
+            "the sum would be re-quantised to NF4 and most of the LoRA update rounded away. Dequantise the base "
+            "first (finetune merge --base dequantized does this).")
+    wrappers = [(name, mod) for name, mod in peft_model.named_modules() if isinstance(mod, LoraLayer)]
+    for name, mod in wrappers:
+        base = mod.get_base_layer()
+        for adapter in mod.active_adapters:
+            if adapter not in mod.lora_A:
+                continue
+            if adapter in getattr(mod, "lora_variant", {}) or mod.lora_bias.get(adapter):
+                raise MergeError(f"{name}: DoRA / LoRA-bias adapters are not supported by finetune merge")
+            a = mod.lora_A[adapter].weight.to(torch.float32)
+            b = mod.lora_B[adapter].weight.to(torch.float32)
+            delta = (b @ a) * mod.scaling[adapter]
+            if getattr(mod, "fan_in_fan_out", False):
+                delta = delta.T
+            with torch.no_grad():
+                w = base.weight
+                w.copy_((w.to(torch.float32) + delta.to(w.device)).to(w.dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(peft_model.get_submodule(parent_name), child, base)
+    return peft_model.get_base_model()
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes and fidelity
+
+
+@dataclass
+class Probes:
+    sequences: list[list[int]]
+    """Full conversations (prompt + reference reply): next-token distributions are compared at every position."""
+    prompts: list[list[int]]
+    """Prompts ending in the generation prompt: greedy generations are compared."""
+    source: str
+
+
+def probe_set(run: Path, tok, template: ChatTemplate, limit: int = MAX_PROBES) -> Probes:
+    """The held-out rows of the run, or a few built-in prompts when there are none."""
+    rows = []
+    held = Path(run) / "held_out.jsonl"
+    if held.is_file():
+        rows = [json.loads(line) for line in held.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("messages") or r.get("text")][:limit]
+    seqs, prompts = [], []
+    for r in rows:
+        msgs = r.get("messages")
+        if msgs:
+            seqs.append(render_ids_and_mask(msgs, tok, template)[0])
+            prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" and len(msgs) > 1 else msgs
+            prompts.append(prompt_ids(prompt, tok, template))
+        else:
+            ids = tok(r["text"], add_special_tokens=False)["input_ids"]
+            seqs.append(ids)
+            prompts.append(ids[: max(1, len(ids) // 2)])
+    source = f"{len(rows)} held-out rows"
+    if not rows:
+        source = f"{len(BUILTIN_PROMPTS)} built-in prompts"
+        for p in BUILTIN_PROMPTS:
+            ids = prompt_ids([{"role": "user", "content": p}], tok, template)
+            seqs.append(ids)
+            prompts.append(ids)
+    return Probes([s[:MAX_PROBE_TOKENS] for s in seqs], [p[:MAX_PROBE_TOKENS] for p in prompts], source)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def probe_logits(model, probes: Probes) -> list[torch.Tensor]:
+    """fp32 logits on the CPU for every probe position, one sequence at a time (no padding effects)."""
+    dev = _device_of(model)
+    out = []
+    for ids in probes.sequences:
+        x = torch.tensor([ids], device=dev)
+        out.append(model(input_ids=x, use_cache=False).logits[0].float().cpu())
+    return out
+
+
+@torch.no_grad()
+def greedy(model, probes: Probes, stop_ids: list[int], n: int = GEN_TOKENS) -> list[list[int]]:
+    dev = _device_of(model)
+    gens = []
+    for ids in probes.prompts[:GEN_PROMPTS]:
+        x = torch.tensor([ids], device=dev)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                             eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+        gens.append(out[0, len(ids):].tolist())
+    return gens
+
+
+def compare_logits(ref: list[torch.Tensor], new: list[torch.Tensor]) -> dict:
+    """KL(ref || new) of the next-token distributions, argmax agreement and max |Δ logit| over all positions."""
+    kls, agree, total, max_dlogit = [], 0, 0, 0.0
+    for r, n in zip(ref, new):
+        lr, ln = torch.log_softmax(r.double(), -1), torch.log_softmax(n.double(), -1)
+        kls.append((lr.exp() * (lr - ln)).sum(-1).clamp_min(0))
+        agree += int((r.argmax(-1) == n.argmax(-1)).sum())
+        total += r.shape[0]
+        max_dlogit = max(max_dlogit, float((r - n).abs().max()))
+    kl = torch.cat(kls)
+    return {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "argmax_agreement": agree / max(total, 1),
+            "positions": total, "max_abs_dlogit": max_dlogit}
+
+
+def compare_generations(ref: list[list[int]], new: list[list[int]]) -> dict:
+    same = sum(a == b for a, b in zip(ref, new))
+    # Token agreement up to the first divergence: after it the two continue from different contexts.
+    matched = total = 0
+    for a, b in zip(ref, new):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        matched += k
+        total += max(len(a), len(b))
+    return {"identical": same, "prompts": len(ref), "token_agreement": matched / max(total, 1)}
+
+
+def fidelity_summary(f: dict) -> str:
+    g = f["generation"]
+    return (f"merge fidelity ({f['base']} base, {f['dtype']}, {f['probes']}): "
+            f"mean KL {f['mean_kl']:.2e}, max KL {f['max_kl']:.2e}, "
+            f"argmax agreement {100 * f['argmax_agreement']:.2f}% of {f['positions']} positions, "
+            f"max |Δlogit| {f['max_abs_dlogit']:.2e}, greedy generations identical {g['identical']}/{g['prompts']} "
+            f"(token agreement {100 * g['token_agreement']:.1f}%); "
+            f"for scale, the adapter moved the base by mean KL {f['adapter_vs_base_mean_kl']:.2e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _choose_hardware(info: RunInfo) -> Hardware:
+    """The GPU when one has room for a dense copy of the model, else the CPU (slower, never out of memory)."""
+    hw = detect_hardware("auto")
+    if not hw.cuda:
+        return hw
+    src = Path(info.source.hf_path)
+    need = 2 * sum(p.stat().st_size for p in src.glob("*.safetensors")) if src.is_dir() else 0
+    free, _ = torch.cuda.mem_get_info()
+    if need and free < 1.2 * need:
+        log.warning("merge: the GPU has %.1f GB free and the dense model needs about %.1f GB; merging on the CPU",
+                    free / 1e9, need / 1e9)
+        return Hardware(cuda=False, bf16=False, flash_attn=False, name="cpu")
+    return hw
+
+
+def _load_with_adapter(info: RunInfo, hw: Hardware, quantized: bool):
+    from peft import PeftModel
+
+    base = load_base(info.recipe, info.source, info.precision, hw, quantized=quantized)
+    resize_for_tokenizer(base, info.tok)
+    keep_training_nf4_layout(base)
+    model = PeftModel.from_pretrained(base, str(info.run / "adapter"), is_trainable=False)
+    model.eval()
+    return model
+
+
+def merge_run(run: Path, base: str = "dequantized") -> Path:
+    """Write run/merged/ (safetensors shards, config, generation config, tokenizer) and merged/fidelity.json."""
+    if base not in BASES:
+        raise MergeError(f"--base: must be one of {', '.join(BASES)} (got {base!r})")
+    run = Path(run)
+    info = read_run(run)
+    rundir.setup_logging(run, "merge.log")
+    started = time.time()
+    hw = _choose_hardware(info)
+    tok, template = info.tok, info.template
+    stop_ids = list(dict.fromkeys(tok.convert_tokens_to_ids(t) for t in template.stop_tokens(tok)))
+    probes = probe_set(run, tok, template)
+    quantized = info.recipe.quantization.load_in_4bit
+
+    # 1. The reference: the adapter on the base exactly as training saw it (4-bit when training was).
+    model = _load_with_adapter(info, hw, quantized=quantized)
+    ref_logits = probe_logits(model, probes)
+    ref_gen = greedy(model, probes, stop_ids)
+    with model.disable_adapter():
+        base_logits = probe_logits(model, probes)
+    moved = compare_logits(base_logits, ref_logits)["mean_kl"]
+    del base_logits
+
+    # 2. The dense base the delta goes into.
+    if base == "dequantized":
+        n = dequantize_4bit_layers(model, info.precision.compute_dtype) if quantized else 0
+        log.info("merge: dequantised %d 4-bit layers to %s", n, info.precision.dtype_name)
+    else:
+        del model
+        model = _load_with_adapter(info, hw, quantized=False)
+    merged = merge_lora(model)
+
+    # 3. Measure the merged model against the reference.
+    fid = {"base": base, "dtype": info.precision.dtype_name, "probes": probes.source, "device": hw.name,
+           **compare_logits(ref_logits, probe_logits(merged, probes)),
+           "generation": compare_generations(ref_gen, greedy(merged, probes, stop_ids)),
+           "adapter_vs_base_mean_kl": moved}
+    del ref_logits
+    fid["summary"] = fidelity_summary(fid)
+
+    # 4. Save atomically: a temp dir renamed into place, the completion marker last.
+    out = run / "merged"
+    tmp = run / f".merged.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save(merged, tok, template, tmp, info)
+    rundir.write_json(tmp / "fidelity.json", fid)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    (out / MARKER).write_text(json.dumps({"adapter_sha256": _adapter_sha(run), "base": base, "time": rundir.now()}))
+    rundir.add_event(run, "merge", base=base, seconds=round(time.time() - started, 1))
+    print(fid["summary"], flush=True)
+    if base == "original":
+        log.warning("merged into the original 16-bit weights: the adapter was trained on their NF4 version, so the "
+                    "merged model drifts from it as measured above (use --base dequantized to avoid this)")
+    write_report(run)
+    return out
+
+
+def _save(model, tok, template: ChatTemplate, out: Path, info: RunInfo) -> None:
+    from transformers import GenerationConfig
+
+    model.config.use_cache = True
+    eos = list(dict.fromkeys([tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in template.stop_tokens(tok)]))
+    gen = getattr(model, "generation_config", None) or GenerationConfig()
+    # Generation must stop at the template's end-of-turn token as well as EOS.
+    gen.eos_token_id = eos if len(eos) > 1 else eos[0]
+    gen.pad_token_id = tok.pad_token_id
+    gen.bos_token_id = tok.bos_token_id
+    model.generation_config = gen
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+    tok.chat_template = template.source
+    tok.save_pretrained(out)
+

@@ -1,0 +1,238 @@
+"""finetune export: GGUF checked in llama.cpp (an independent runtime), the Modelfile's template, the adapter.
+
+One tiny run is trained and merged per module; every GGUF test runs llama.cpp through llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_recipe
+from tiny import build_tiny_llama
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="CI installs llama-cpp-python for the GGUF tests")
+
+RUNNER = CliRunner()
+TWO_TURNS = [{"role": "system", "content": "You answer briefly."},
+             {"role": "user", "content": "what is red"}, {"role": "assistant", "content": "one"},
+             {"role": "user", "content": "and green? 😀 naïve"}]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    from finetune.merge import merge_run
+    from finetune.recipe import load_recipe
+    from finetune.train import train
+
+    tmp = tmp_path_factory.mktemp("export")
+    path = make_recipe(tmp, tiny_model_dir, data={"held_out": 4, "system_prompt": "You answer briefly."})
+    run = train(load_recipe(path), path)
+    merge_run(run)
+    return run
+
+
+def _seqs_and_texts(run):
+    from transformers import AutoTokenizer
+
+    from finetune.export import _probes_for_verify, run_template
+    from finetune.recipe import load_resolved
+
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    return _probes_for_verify(run, tok, run_template(load_resolved(run / "resolved.yaml"), tok))
+
+
+def test_cli_gguf_ollama_adapter_verify_f16(run):
+    """The command the issue names; f16 agrees with HF-on-f16-rounded-weights on >= 99% of argmaxes."""
+    from finetune.cli import app
+    from finetune.export import export_complete
+
+    result = RUNNER.invoke(app, ["export", str(run), "--format", "gguf", "ollama", "adapter", "--verify"])
+    assert result.exit_code == 0, result.output
+    ver = json.loads((run / "export" / "verify.json").read_text())
+    assert ver["passed"] and ver["gguf_type"] == "f16"
+    assert ver["vs_same_weights"]["argmax_agreement"] >= 0.99
+    assert ver["tokenisation"]["identical"] == ver["tokenisation"]["texts"] >= 30
+    assert ver["summary"] in result.output and ver["summary"] in (run / "report.md").read_text()
+    assert (run / "export" / "gguf" / "run-f16.gguf").is_file() and (run / "export" / "gguf" / "Modelfile").is_file()
+    assert export_complete(run, ["gguf", "ollama", "adapter"], "f16")
+    assert not export_complete(run, ["gguf"], "q8_0") and not export_complete(run, ["hf"], "f16")
+
+
+def test_gguf_f32_matches_hf_in_llama_cpp(run):
+    from finetune.export import export_run
+
+    ver = export_run(run, ["gguf"], gguf_type="f32", verify=True)["verify"]
+    assert ver["vs_same_weights"]["max_abs_dlogit"] <= 1e-3
+    assert ver["vs_same_weights"]["argmax_agreement"] == 1.0
+    assert ver["vs_same_weights"]["positions"] >= 40
+    assert ver["passed"]
+
+
+def test_tokenisation_parity_unicode_emoji_and_chat_text(run):
+    from transformers import AutoTokenizer
+
+    from finetune.export.verify import tokenizer_parity
+
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    chat = tok.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    texts = ["héllo wörld naïve café", "東京 😀 🚀 👍🏽", "tab\tand\nnewlines\n\n  spaces", chat,
+             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "</s><s><unk> specials inline"]
+    assert "<|im_start|>" in chat
+    path = next((run / "export" / "gguf").glob("*.gguf"))
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+    try:
+        parity = tokenizer_parity(llm, tok, texts)
+        specials = llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)
+    finally:
+        llm.close()
+    assert parity["identical"] == parity["texts"] == 2 * len(texts), parity["mismatches"]
+    assert specials[0] == tok.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_negative_control_unpermuted_qk_fails(run, tmp_path):
+    """Without the rotary permutation the file loads and runs, and only the logit check can notice."""
+    from finetune.export.gguf import write_gguf
+    from finetune.export.verify import verify_gguf
+
+    seqs, texts = _seqs_and_texts(run)
+    bad = write_gguf(run / "merged", tmp_path / "bad.gguf", "f32", permute=False).path
+    ver = verify_gguf(bad, run / "merged", "f32", seqs, texts)
+    assert not ver["passed"]
+    assert ver["vs_same_weights"]["max_abs_dlogit"] > 1e-2
+    assert ver["tokenisation"]["identical"] == ver["tokenisation"]["texts"]  # the tokenizer is not the problem
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_q8_0_falls_back_to_f16_for_odd_rows_and_still_verifies(tmp_path):
+    from finetune.export.gguf import tensor_type, write_gguf
+    from finetune.export.verify import verify_gguf
+
+    assert tensor_type((64, 64), "q8_0") == "q8_0"
+    assert tensor_type((64, 48), "q8_0") == "f16"
+    assert tensor_type((64,), "q8_0") == "f32"
+    # hidden 48: every matrix that reads the hidden state has rows of 48 values, not whole 32-value blocks.
+    model_dir = build_tiny_llama(tmp_path / "odd", hidden=48)
+    records = _Records()
+    logging.getLogger("finetune").addHandler(records)  # it does not propagate to the root logger
+    try:
+        res = write_gguf(model_dir, tmp_path / "odd-q8_0.gguf", "q8_0")
+    finally:
+        logging.getLogger("finetune").removeHandler(records)
+    assert res.fallbacks and any("not a multiple of 32" in m for m in records.messages)
+    assert any(f.startswith("blk.0.attn_q.weight") for f in res.fallbacks)
+    assert not any(f.startswith("blk.0.ffn_down.weight") for f in res.fallbacks)  # rows of 96: q8_0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seqs = [tok.apply_chat_template(TWO_TURNS, tokenize=True, return_dict=True)["input_ids"]]
+    ver = verify_gguf(res.path, model_dir, "q8_0", seqs, [])
+    assert ver["passed"], ver["summary"]
+
+
+def test_chat_template_identical_in_merged_gguf_and_modelfile(run):
+    """One conversation, three renderers: HF on merged/, llama-cpp-python's Jinja on the GGUF metadata,
+    and the Modelfile's Go TEMPLATE."""
+    from gguf import GGUFReader
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    from finetune.export.ollama import read_template, render_go
+
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    hf = tok.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    reader = GGUFReader(next((run / "export" / "gguf").glob("*.gguf")))
+    field = reader.fields["tokenizer.chat_template"]
+    gguf_template = bytes(field.parts[field.data[0]]).decode("utf-8")
+    assert "generation" not in gguf_template  # training-only markers are stripped for other runtimes
+    via_gguf = Jinja2ChatFormatter(gguf_template, eos_token=tok.eos_token, bos_token=tok.bos_token)(
+        messages=TWO_TURNS).prompt
+    modelfile = (run / "export" / "gguf" / "Modelfile").read_text()
+    via_ollama = render_go(read_template(modelfile), TWO_TURNS)
+    assert hf == via_gguf == via_ollama
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'SYSTEM "You answer briefly."' in modelfile
+    assert "ollama create" in modelfile and "FROM ./run-" in modelfile
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "llama2_chat", "llama3_chat", "mistral", "plain",
+                                  "vicuna", "zephyr"])
+def test_every_bundled_template_translates_to_ollama(name, tiny_tokenizer):
+    from finetune.export.ollama import TEST_CONVERSATIONS, render_go, translate
+    from finetune.templates import load_template
+
+    source = load_template(name).source
+
+    def render(messages, gen):
+        return tiny_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                                  add_generation_prompt=gen)
+
+    go = translate(render)  # raises if any test conversation renders differently
+    for conv in TEST_CONVERSATIONS + [TWO_TURNS]:
+        assert render_go(go, conv) == render(conv, True)
+
+
+def test_adapter_export_loads_with_plain_peft_and_matches_finetune_generate(run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from finetune.cli import app
+
+    out = run / "export" / "adapter"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (out / "adapter_model.safetensors").is_file()
+    # Plain transformers + peft, as a user (or vLLM/TGI) would: the base named in adapter_config.json,
+    # loaded in the NF4 the adapter was trained on.
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], quantization_config=q,
+                                                dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    msgs = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "what is red"}]
+    ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"]
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    with torch.no_grad():
+        gen = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    plain = tok.decode(gen[0, len(ids):], skip_special_tokens=True)
+    result = RUNNER.invoke(app, ["generate", str(run), "--prompt", "what is red", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert plain.strip() and result.stdout.splitlines()[0] == plain
+
+
+def test_hf_export_links_the_merged_model(run):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.export import export_complete, export_run
+
+    export_run(run, ["hf"])
+    hf = run / "export" / "hf"
+    weights = next(hf.glob("*.safetensors"))
+    assert weights.stat().st_ino == (run / "merged" / weights.name).stat().st_ino  # no second copy on disk
+    AutoModelForCausalLM.from_pretrained(hf)
+    assert export_complete(run, ["hf"], "f16")
+
+
+def test_export_user_errors_are_one_line(run, monkeypatch):
+    from finetune.cli import app
+
+    result = RUNNER.invoke(app, ["export", str(run), "--format", "onnx"])
+    assert result.exit_code == 2 and "--format: unknown format 'onnx'" in result.output
+    result = RUNNER.invoke(app, ["export", str(run), "--format", "gguf", "--gguf-type", "q4_k"])
+    assert result.exit_code == 2 and "--gguf-type: must be one of" in result.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = RUNNER.invoke(app, ["export", str(run), "--format", "hf", "--push", "me/tiny"])
+    assert result.exit_code == 2 and "--push me/tiny: the hub is not reachable" in result.output
+    assert "Traceback" not in result.output
