@@ -343,8 +343,7 @@ def load_resolved(path: str | Path) -> Recipe:
 def _describe_errors(err: ValidationError, raw: dict) -> list[str]:
     lines = []
     for e in err.errors(include_url=False):
-        loc = [p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-        # pydantic adds union-branch tags ("list[str]", "literal[...]") to loc; they mean nothing to a user.
+        loc = _user_loc(e["loc"], raw)
         field = _dotted(loc)
         if e["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown key{_suggest(loc)}")
@@ -363,6 +362,29 @@ def _describe_errors(err: ValidationError, raw: dict) -> list[str]:
             seen.add(key)
             unique.append(line)
     return unique
+
+
+def _user_loc(loc, raw) -> list:
+    """pydantic adds union-branch tags ("list[str]", "literal[...]", "function-after[...]") to loc; they mean
+    nothing to a user. Drop them, but never a key the user actually wrote (a key may be spelled "[")."""
+    out, cur = [], raw
+    for p in loc:
+        present = (isinstance(cur, dict) and _has_key(cur, p)) or (
+            isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur))
+        if present:
+            out.append(p)
+            cur = cur[p]
+        elif not (isinstance(p, str) and ("[" in p or p.startswith("function-"))):
+            out.append(p)
+            cur = None
+    return out
+
+
+def _has_key(d: dict, key) -> bool:
+    try:
+        return key in d
+    except TypeError:  # unhashable
+        return False
 
 
 def _friendly(e: dict) -> str:
@@ -423,7 +445,7 @@ def _section_type(ann):
 
 def _suggest(loc: list) -> str:
     known = _fields_at(loc)
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.3) if known else []
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.3) if known and loc else []
     if close:
         return f" (did you mean {_dotted(list(loc[:-1]) + [close[0]])}?)"
     return f" (known keys here: {', '.join(known)})" if known else " (remove it)"

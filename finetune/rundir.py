@@ -89,10 +89,14 @@ def setup_logging(run: Path | None = None, name: str = "train.log") -> None:
     """Log to stderr, and to a file in the run directory (main process only)."""
     logger = logging.getLogger("finetune")
     logger.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers):
+    streams = [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    if not streams:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("finetune: %(levelname)s: %(message)s"))
         logger.addHandler(h)
+    for h in streams:
+        if h.stream is not sys.stderr:  # a second run in one process (tests, notebooks) may have a new stderr
+            h.stream = sys.stderr  # not setStream(): it flushes the old stream, which may be closed
     if run is not None and is_main_process():
         path = str(Path(run) / name)
         if not any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in logger.handlers):

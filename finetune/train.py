@@ -9,10 +9,13 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 
+from finetune import checkpoints as ck
 from finetune import data as data_mod
+from finetune import resume as resume_mod
 from finetune import rundir
 from finetune.hardware import choose_precision, detect_hardware
 from finetune.models import (align_special_ids, attach_lora, load_base, load_tokenizer, resize_for_tokenizer,
@@ -33,13 +36,25 @@ def adapter_complete(run: Path) -> bool:
 
 
 def check_run_dir(run: Path, resume: bool) -> None:
+    # Checkpoints (complete ones only) are judged by resume.plan, under the run lock.
     if adapter_complete(run) and not resume:
         raise RunDirError(f"{run}: already holds a finished adapter; choose another output_dir "
                           f"(e.g. output_dir={run}-2) or delete {run} to train again")
-    ckpts = sorted((run / "checkpoints").glob("checkpoint-*")) if (run / "checkpoints").is_dir() else []
-    if ckpts and not resume:
-        raise RunDirError(f"{run}: has checkpoints from an earlier run; add --resume to continue it, "
-                          "or choose another output_dir")
+
+
+def resume_command(recipe_path, overrides) -> str:
+    """The exact command that continues this run (printed on SIGTERM, NaN stop, disk full)."""
+    return f"cd {shlex.quote(os.getcwd())} && finetune train {shlex.join([str(recipe_path), *overrides])} --resume"
+
+
+def _event(run: Path, kind: str, **details) -> None:
+    """add_event that never hides the error being reported (the disk may be the thing that is full)."""
+    try:
+        rundir.add_event(run, kind, **details)
+        if kind in ("interrupted", "stopped_non_finite"):  # the run ends here: report.md must say so
+            write_report(run)
+    except OSError as e:
+        log.warning("could not record %s in the manifest: %s", kind, e)
 
 
 def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train: int):
@@ -136,12 +151,48 @@ def print_data_summary(report: dict, template_name: str) -> None:
     print("\n".join(lines), flush=True)
 
 
-def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False) -> Path:
+def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False, force: bool = False,
+          overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Train under the run lock (one writer per output_dir; main process only), with every torch.load in this
+    process forced to weights_only (TORCH_FORCE_WEIGHTS_ONLY_LOAD: covers loads we did not write ourselves)."""
+    from finetune.lock import RunLock
+
     run = Path(recipe.output_dir)
-    main = rundir.is_main_process()
     check_run_dir(run, resume)
     run.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run).acquire() if rundir.is_main_process() else None
+    env = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        return _train(recipe, recipe_path, resume, force, list(overrides), lock)
+    finally:
+        for k, v in env.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, overrides: list[str], lock) -> Path:
+    from finetune.errors import NonFiniteError, TrainingInterrupted
+
+    run = Path(recipe.output_dir)
+    main = rundir.is_main_process()
     rundir.setup_logging(run)
+    command = resume_command(recipe_path, overrides)
+    if lock is not None and lock.stale:
+        gone = "gone" if lock.stale.get("alive") is False else "not running here"
+        log.warning("recovered a stale lock left by pid %s (%s)", lock.stale.get("pid"), gone)
+        _event(run, "stale_lock_recovered", pid=lock.stale.get("pid"), host=lock.stale.get("host"),
+               since=lock.stale.get("started"))
+    # Before any model loads: refuse a changed recipe/data, clean partial saves, pick the checkpoint.
+    if main:
+        plan = resume_mod.plan(run, recipe_to_yaml(recipe), data_mod.data_hashes(recipe), resume, force)
+    else:
+        latest = ck.latest_complete(run / "checkpoints") if resume else None
+        plan = resume_mod.ResumePlan(latest, ck.step_of(latest) if latest else 0)
+
 
     # --- setup: hardware, tokenizer, template
     hw = detect_hardware(recipe.train.device)
@@ -183,6 +234,11 @@ def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False) -> Path
             started=rundir.now(),
         )
         print_data_summary(prepared.report, template.name)
+        resume_mod.trim_log(run / "train_log.jsonl", plan.step)
+        if plan.checkpoint is not None:
+            extra = {"forced_despite": plan.changes} if plan.changes else {}
+            _event(run, "resumed", checkpoint=plan.checkpoint.name, step=plan.step, **extra)
+            log.info("resuming from %s (step %d)", plan.checkpoint, plan.step)
 
     # --- model
     model = load_base(recipe, source, precision, hw)
@@ -192,11 +248,17 @@ def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False) -> Path
         if main:
             rundir.add_event(run, "tokenizer_fix", detail=fix)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
+    # LoRA init draws from the global RNG before the Trainer seeds it: seed here, or two runs of one recipe
+    # (and a run and its resume's original) start from different adapters.
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
     model = attach_lora(model, recipe, recipe.train.gradient_checkpointing)
     model.peft_config["default"].base_model_name_or_path = source.hf_path
 
     # --- train
-    from trl import SFTTrainer
+    from finetune.guard import GuardedSFTTrainer
+    from finetune.signals import StopOnSignal
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
     held_ds = None
@@ -204,19 +266,60 @@ def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False) -> Path
         held_enc, _ = data_mod.encode_all(prepared.held_out, tok, template, recipe.data.model_copy(update={"too_long": "truncate"}))
         held_ds = data_mod.to_dataset(held_enc)
     args = sft_config(recipe, precision, hw, run, held_ds is not None, len(prepared.train))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data_mod.to_dataset(prepared.train),
-                         eval_dataset=held_ds, processing_class=tok,
-                         callbacks=[JsonlLogCallback(run / "train_log.jsonl")])
+    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=data_mod.to_dataset(prepared.train),
+                                eval_dataset=held_ds, processing_class=tok,
+                                callbacks=[JsonlLogCallback(run / "train_log.jsonl")],
+                                on_nan=recipe.train.on_nan, resume_command=command)
     keep_adapter_fp32(trainer.model)
     started = time.time()
-    trainer.train(resume_from_checkpoint=resume or None)
+    total = recipe.train.max_steps or plan.max_steps
+    try:
+        if plan.checkpoint is not None and total and plan.step >= total:
+            # The run had finished (killed before adapter/ was written). The Trainer, resumed at its last step,
+            # would train one step more: publish the final checkpoint's adapter instead.
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-    # --- save
+            set_peft_model_state_dict(model, load_file(plan.checkpoint / "adapter_model.safetensors"))
+            trainer.state.global_step = plan.step
+            log.info("%s is the final step of this run; writing its adapter", plan.checkpoint.name)
+        else:
+            with StopOnSignal(trainer, on_abort=lock.release if lock is not None else None):
+                trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    except NonFiniteError as e:
+        last = ck.latest_complete(run / "checkpoints")
+        if main:
+            _event(run, "stopped_non_finite", step=e.step, detail=str(e), last_good_checkpoint=last and last.name)
+        raise NonFiniteError(
+            f"{e}. The last good checkpoint is {last or 'none (none was written yet)'}; lower train.learning_rate "
+            f"or check the data near that step, or set train.on_nan: skip_step. Resume with: {command}",
+            step=e.step) from None
+    finally:
+        if main and trainer.skipped_steps:
+            _event(run, "skipped_non_finite_steps", count=len(trainer.skipped_steps), steps=trainer.skipped_steps)
+    state = trainer.state
+    if trainer.stop_signal is not None and state.global_step < state.max_steps:
+        import signal
+
+        name = signal.Signals(trainer.stop_signal).name
+        last = ck.latest_complete(run / "checkpoints")
+        if main:
+            _event(run, "interrupted", signal=name, step=state.global_step, checkpoint=last and last.name)
+        raise TrainingInterrupted(f"{name}: stopped after step {state.global_step} of {state.max_steps}; "
+                                  f"checkpoint written: {last}. Resume with:\n  {command}")
+
+    # --- save (atomically: adapter/ either is complete or does not exist)
     if main:
         adapter = run / "adapter"
-        model.save_pretrained(adapter, safe_serialization=True)
-        tok.chat_template = template.source  # one template from training to every export
-        tok.save_pretrained(adapter)
+        staging = ck.begin(adapter)
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            tok.chat_template = template.source  # one template from training to every export
+            tok.save_pretrained(staging)
+            ck.commit(staging, adapter, marker=False)
+        except BaseException:
+            ck.abort(staging)
+            raise
         rundir.update_manifest(run, finished=rundir.now(), train_seconds=round(time.time() - started, 1),
                                global_step=trainer.state.global_step)
         write_report(run)
