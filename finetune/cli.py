@@ -83,6 +83,44 @@ def validate(recipes: List[Path] = typer.Argument(..., help="Recipe YAML files t
         raise typer.Exit(2)
 
 
+@app.command()
+@user_errors
+def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
+         overrides: List[str] = typer.Argument(None, help="KEY=VALUE overrides, e.g. lora.r=64."),
+         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU, e.g. 24GiB, 80GB "
+                                                  "(default: the visible GPU's, else 24GiB)."),
+         seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: data.max_length)."),
+         batch: Optional[int] = typer.Option(None, "--batch", help="Micro-batch per GPU (default: train.micro_batch_size)."),
+         num_processes: int = typer.Option(1, "--num-processes", help="GPUs / processes (accelerate launch)."),
+         sharding: Optional[str] = typer.Option(None, "--sharding", help="none | ddp | fsdp | fsdp_offload | zero3 | "
+                                                "zero3_offload (default: ddp when --num-processes > 1)."),
+         accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config", help="Take --num-processes and "
+                                                          "--sharding from an accelerate config file."),
+         shape: Optional[str] = typer.Option(None, "--shape", help="Use a built-in shape (e.g. llama-2-7b) instead of "
+                                             "model.base."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+    """Estimate peak GPU memory before downloading anything; exit 1 if it does not fit."""
+    import json as _json
+
+    from finetune.plan import GIB, plan_recipe, parse_size, read_accelerate_config, render
+
+    r = load_recipe(recipe, overrides or [])
+    if accelerate_config is not None:
+        num_processes, from_cfg = read_accelerate_config(accelerate_config)
+        sharding = sharding or from_cfg
+    if gpu_memory is not None:
+        mem = parse_size(gpu_memory)
+    else:
+        import torch
+
+        mem = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 24 * GIB
+    p = plan_recipe(r, mem, seq_len=seq_len, batch=batch, num_processes=num_processes, sharding=sharding,
+                    shape=shape)
+    typer.echo(_json.dumps(p.to_dict(), indent=2) if as_json else render(p))
+    if not p.fits:
+        raise typer.Exit(1)
+
+
 @app.command(epilog=_recipe_help())
 @user_errors
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
