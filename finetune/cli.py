@@ -129,11 +129,17 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           force: bool = typer.Option(False, "--force", help="With --resume: continue even though the recipe or data "
                                                             "changed since the checkpoint was written.")):
     """Fine-tune: 4-bit base + LoRA with TRL's SFTTrainer; writes OUTPUT_DIR/adapter."""
+    from finetune import distributed
+    from finetune.rundir import is_main_process
     from finetune.train import train as run_train
 
     r = load_recipe(recipe, overrides or [])
+    ranks = distributed.requested_cpu_processes()
+    if ranks:  # `accelerate launch --cpu --num_processes N` started only this one process
+        raise typer.Exit(distributed.relaunch_cpu_ranks(ranks))
     run = run_train(r, recipe, resume=resume, force=force, overrides=overrides or [])
-    typer.echo(f"done: {run / 'adapter'}  (report: {run / 'report.md'})")
+    if is_main_process():
+        typer.echo(f"done: {run / 'adapter'}  (report: {run / 'report.md'})")
 
 
 @app.command(epilog=_recipe_help())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import distributed
 from finetune.recipe import BUILTIN_PREFIX
 
 log = logging.getLogger("finetune")
@@ -277,6 +278,12 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
     )
     if quantized:
         kwargs["quantization_config"] = quantization_config(recipe, precision.compute_dtype)
+    if distributed.sharded():
+        # FSDP / ZeRO-3 place and shard the weights themselves (no whole copy per rank), and a wrapped unit must
+        # hold one dtype: load the non-4-bit weights in the 4-bit storage dtype (= compute dtype, checked).
+        kwargs.pop("device_map")
+        if quantized:
+            kwargs["dtype"] = getattr(torch, recipe.quantization.quant_storage)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.hf_path, **kwargs)
     except OSError as e:
@@ -287,8 +294,9 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
 def attach_lora(model, recipe, gradient_checkpointing: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.quantization.load_in_4bit:
-        # Casts norms/embeddings to fp32 and enables input grads, as the QLoRA recipe does.
+    if recipe.quantization.load_in_4bit and not distributed.sharded():
+        # Casts norms/embeddings to fp32 and enables input grads, as the QLoRA recipe does. Not under FSDP/ZeRO-3:
+        # fp32 norms next to bf16-stored 4-bit weights would break their flattening into one sharded tensor.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from finetune import checkpoints as ck
 from finetune import data as data_mod
+from finetune import distributed
 from finetune import resume as resume_mod
 from finetune import rundir
 from finetune.hardware import choose_precision, detect_hardware
@@ -199,6 +200,11 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
     precision = choose_precision(recipe, hw)
     for w in precision.warnings:
         log.warning(w)
+    problems = distributed.sharding_problems(recipe)
+    if problems:
+        from finetune.recipe import RecipeError
+
+        raise RecipeError([f"{recipe_path}: {p}" for p in problems])
     source = resolve_base(recipe.model.base)
     tok = load_tokenizer(recipe, source)
     template = load_template(recipe.data.template, tok)
@@ -270,7 +276,9 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
                                 eval_dataset=held_ds, processing_class=tok,
                                 callbacks=[JsonlLogCallback(run / "train_log.jsonl")],
                                 on_nan=recipe.train.on_nan, resume_command=command)
-    keep_adapter_fp32(trainer.model)
+    if not distributed.sharded():  # FSDP/ZeRO-3 flatten adapters with the base: they keep the storage dtype
+        keep_adapter_fp32(trainer.model)
+    shards = distributed.ShardRecorder(trainer) if distributed.world_size() > 1 else None
     started = time.time()
     total = recipe.train.max_steps or plan.max_steps
     try:
@@ -308,12 +316,17 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
         raise TrainingInterrupted(f"{name}: stopped after step {state.global_step} of {state.max_steps}; "
                                   f"checkpoint written: {last}. Resume with:\n  {command}")
 
+    # Collectives, on every rank: which examples each rank trained on, and (FSDP/ZeRO-3) the full weights
+    # gathered from their shards.
+    shard_summary = shards.summary() if shards is not None else None
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if distributed.sharded() else None
+
     # --- save (atomically: adapter/ either is complete or does not exist)
     if main:
         adapter = run / "adapter"
         staging = ck.begin(adapter)
         try:
-            model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True, state_dict=full_state)
             tok.chat_template = template.source  # one template from training to every export
             tok.save_pretrained(staging)
             ck.commit(staging, adapter, marker=False)
@@ -322,6 +335,8 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
             raise
         rundir.update_manifest(run, finished=rundir.now(), train_seconds=round(time.time() - started, 1),
                                global_step=trainer.state.global_step)
+        if shard_summary:
+            rundir.update_manifest(run, distributed=shard_summary)
         write_report(run)
         log.info("adapter written to %s", adapter)
     return run
