@@ -65,3 +65,12 @@ def make_recipe(tmp_path: Path, model_dir: Path, rows: list[dict] | None = None,
 @pytest.fixture
 def recipe_factory(tmp_path, tiny_model_dir):
     return lambda **kw: make_recipe(tmp_path, tiny_model_dir, **kw)
+
+
+@pytest.fixture(scope="session")
+def merged_run(tmp_path_factory, tiny_model_dir):
+    """(run, base): a tiny NF4 run trained and merged once per session (see tests/merged_run.py). Tests that
+    write into it add files only (export/); tests that need to change it work on a copy."""
+    from merged_run import build_merged_run
+
+    return build_merged_run(tmp_path_factory.mktemp("merged-run"), tiny_model_dir)

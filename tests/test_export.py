@@ -1,6 +1,7 @@
 """finetune export: GGUF checked in llama.cpp (an independent runtime), the Modelfile's template, the adapter.
 
-One tiny run is trained and merged per module; every GGUF test runs llama.cpp through llama-cpp-python.
+The run is conftest's session fixture merged_run (tests/merged_run.py); every GGUF test runs llama.cpp
+through llama-cpp-python.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_recipe
 from tiny import build_tiny_llama
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="CI installs llama-cpp-python for the GGUF tests")
@@ -23,17 +23,19 @@ TWO_TURNS = [{"role": "system", "content": "You answer briefly."},
              {"role": "user", "content": "and green? 😀 naïve"}]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir):
-    from finetune.merge import merge_run
-    from finetune.recipe import load_recipe
-    from finetune.train import train
+@pytest.fixture
+def run(merged_run):
+    return merged_run[0]
 
-    tmp = tmp_path_factory.mktemp("export")
-    path = make_recipe(tmp, tiny_model_dir, data={"held_out": 4, "system_prompt": "You answer briefly."})
-    run = train(load_recipe(path), path)
-    merge_run(run)
-    return run
+
+@pytest.fixture(scope="module")
+def exported(merged_run):
+    """The command the issue names, run once: `finetune export RUN --format gguf ollama adapter --verify`."""
+    from finetune.cli import app
+
+    run = merged_run[0]
+    result = RUNNER.invoke(app, ["export", str(run), "--format", "gguf", "ollama", "adapter", "--verify"])
+    return run, result
 
 
 def _seqs_and_texts(run):
@@ -46,12 +48,11 @@ def _seqs_and_texts(run):
     return _probes_for_verify(run, tok, run_template(load_resolved(run / "resolved.yaml"), tok))
 
 
-def test_cli_gguf_ollama_adapter_verify_f16(run):
-    """The command the issue names; f16 agrees with HF-on-f16-rounded-weights on >= 99% of argmaxes."""
-    from finetune.cli import app
+def test_cli_gguf_ollama_adapter_verify_f16(exported):
+    """f16 agrees with HF-on-f16-rounded-weights on >= 99% of argmaxes; tokenisation is identical."""
     from finetune.export import export_complete
 
-    result = RUNNER.invoke(app, ["export", str(run), "--format", "gguf", "ollama", "adapter", "--verify"])
+    run, result = exported
     assert result.exit_code == 0, result.output
     ver = json.loads((run / "export" / "verify.json").read_text())
     assert ver["passed"] and ver["gguf_type"] == "f16"
@@ -73,17 +74,18 @@ def test_gguf_f32_matches_hf_in_llama_cpp(run):
     assert ver["passed"]
 
 
-def test_tokenisation_parity_unicode_emoji_and_chat_text(run):
+def test_tokenisation_parity_unicode_emoji_and_chat_text(exported):
     from transformers import AutoTokenizer
 
     from finetune.export.verify import tokenizer_parity
 
+    run, _ = exported
     tok = AutoTokenizer.from_pretrained(run / "merged")
     chat = tok.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
     texts = ["héllo wörld naïve café", "東京 😀 🚀 👍🏽", "tab\tand\nnewlines\n\n  spaces", chat,
              "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "</s><s><unk> specials inline"]
     assert "<|im_start|>" in chat
-    path = next((run / "export" / "gguf").glob("*.gguf"))
+    path = run / "export" / "gguf" / "run-f16.gguf"
     llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
     try:
         parity = tokenizer_parity(llm, tok, texts)
@@ -142,7 +144,7 @@ def test_q8_0_falls_back_to_f16_for_odd_rows_and_still_verifies(tmp_path):
     assert ver["passed"], ver["summary"]
 
 
-def test_chat_template_identical_in_merged_gguf_and_modelfile(run):
+def test_chat_template_identical_in_merged_gguf_and_modelfile(exported):
     """One conversation, three renderers: HF on merged/, llama-cpp-python's Jinja on the GGUF metadata,
     and the Modelfile's Go TEMPLATE."""
     from gguf import GGUFReader
@@ -151,12 +153,14 @@ def test_chat_template_identical_in_merged_gguf_and_modelfile(run):
 
     from finetune.export.ollama import read_template, render_go
 
+    run, _ = exported
     tok = AutoTokenizer.from_pretrained(run / "merged")
     hf = tok.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
-    reader = GGUFReader(next((run / "export" / "gguf").glob("*.gguf")))
+    reader = GGUFReader(run / "export" / "gguf" / "run-f16.gguf")
     field = reader.fields["tokenizer.chat_template"]
     gguf_template = bytes(field.parts[field.data[0]]).decode("utf-8")
-    assert "generation" not in gguf_template  # training-only markers are stripped for other runtimes
+    # the training-only {% generation %} markers are in merged/ and stripped from the GGUF
+    assert "{%- generation -%}" in tok.chat_template and "generation -%}" not in gguf_template
     via_gguf = Jinja2ChatFormatter(gguf_template, eos_token=tok.eos_token, bos_token=tok.bos_token)(
         messages=TWO_TURNS).prompt
     modelfile = (run / "export" / "gguf" / "Modelfile").read_text()
@@ -183,12 +187,13 @@ def test_every_bundled_template_translates_to_ollama(name, tiny_tokenizer):
         assert render_go(go, conv) == render(conv, True)
 
 
-def test_adapter_export_loads_with_plain_peft_and_matches_finetune_generate(run):
+def test_adapter_export_loads_with_plain_peft_and_matches_finetune_generate(exported):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from finetune.cli import app
 
+    run, _ = exported
     out = run / "export" / "adapter"
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (out / "adapter_model.safetensors").is_file()

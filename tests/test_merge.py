@@ -1,8 +1,8 @@
 """finetune merge: the merged model computes what the adapter computed on its NF4 base, and a wrong merge shows.
 
-One tiny run is trained per module on a base with heavy-tailed weights (so NF4's error is large), and its
-LoRA B matrices are then perturbed, as peft's own merge tests do, so that the adapter is far from identity
-and a merge that ignored it, or merged into the wrong weights, could not pass.
+The run (conftest's session fixture merged_run, built in tests/merged_run.py) has a base with heavy-tailed
+weights, so NF4's error is large, and LoRA B matrices perturbed after training, as peft's own merge tests
+initialise LoRA to non-identity: a merge that ignored the adapter, or used the wrong weights, cannot pass.
 """
 
 from __future__ import annotations
@@ -14,61 +14,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_recipe
 
 RUNNER = CliRunner()
 
 
-def outlier_base(src, dst):
-    """Copy the tiny model with 1% of each matrix's entries made 12x larger: each outlier sets its NF4
-    block's absmax, so every other weight in the block is quantised coarsely."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embed" not in name:
-                mask = torch.rand(p.shape, generator=g) < 0.01
-                p[mask] *= 12
-    model.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
+@pytest.fixture
+def merged(merged_run):
+    return merged_run
 
 
-def perturb_lora_b(adapter_dir, scale=0.1, seed=0):
-    """Make the adapter clearly non-identity (trained LoRA B starts at zero and moves little in 4 steps)."""
-    from safetensors.torch import load_file, save_file
-
-    path = adapter_dir / "adapter_model.safetensors"
-    tensors = load_file(path)
-    g = torch.Generator().manual_seed(seed)
-    for k, v in tensors.items():
-        if "lora_B" in k:
-            tensors[k] = v + scale * torch.randn(v.shape, generator=g)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir):
-    from finetune.recipe import load_recipe
-    from finetune.train import train
-
-    tmp = tmp_path_factory.mktemp("merge")
-    base = outlier_base(tiny_model_dir, tmp / "base")
-    path = make_recipe(tmp, base, data={"held_out": 4})
-    run = train(load_recipe(path), path)
-    perturb_lora_b(run / "adapter")
-    return run, base
-
-
-@pytest.fixture(scope="module")
-def merged(trained):
-    from finetune.merge import merge_run
-
-    run, base = trained
-    merge_run(run)
-    return run, base
+@pytest.fixture
+def trained(merged_run):
+    return merged_run
 
 
 def _fidelity(run):
