@@ -241,3 +241,59 @@ def test_export_user_errors_are_one_line(run, monkeypatch):
     result = RUNNER.invoke(app, ["export", str(run), "--format", "hf", "--push", "me/tiny"])
     assert result.exit_code == 2 and "--push me/tiny: the hub is not reachable" in result.output
     assert "Traceback" not in result.output
+
+
+def _tiny_spm_llama(out):
+    """A LLaMA-2-style tokenizer (BPE with byte fallback, "▁" for spaces) on a tiny random LLaMA."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tiny import CHATML, SPECIALS, corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(corpus(), trainer=trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS + byte_tokens,
+                                                                  show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=SPECIALS[3:])
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out, fast
+
+
+def test_sentencepiece_style_tokenizer_exports_as_llama_vocab(tmp_path):
+    from gguf import GGUFReader
+
+    from finetune.export.gguf import write_gguf
+    from finetune.export.verify import verify_gguf
+
+    model_dir, tok = _tiny_spm_llama(tmp_path / "spm")
+    res = write_gguf(model_dir, tmp_path / "spm.gguf", "f32")
+    field = GGUFReader(res.path).fields["tokenizer.ggml.model"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    chat = tok.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    ver = verify_gguf(res.path, model_dir, "f32", [tok(chat)["input_ids"]], [chat])
+    assert ver["passed"], ver["summary"]
+    assert ver["tokenisation"]["identical"] == ver["tokenisation"]["texts"]  # byte fallback: emoji, CJK
+
+
+def test_tokenisation_check_fails_with_the_wrong_pre_tokenizer(run, tmp_path, monkeypatch):
+    """Negative control for the tokeniser check: SmolLM's pre-tokenizer splits digits one by one, GPT-2's
+    (which the tiny tokenizer uses) does not, so the texts with numbers must be reported."""
+    import finetune.export.gguf as gguf_mod
+    from finetune.export.verify import verify_gguf
+
+    monkeypatch.setattr(gguf_mod, "pre_tokenizer_name", lambda tokenizer_json: "smollm")
+    seqs, texts = _seqs_and_texts(run)
+    bad = gguf_mod.write_gguf(run / "merged", tmp_path / "wrong-pre.gguf", "f32").path
+    ver = verify_gguf(bad, run / "merged", "f32", seqs, texts)
+    assert not ver["passed"] and "tokenisation identical" in ver["summary"].split("FAIL")[1]
+    assert any("1234567" in m["text"] for m in ver["tokenisation"]["mismatches"])
