@@ -275,6 +275,7 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
         attn_implementation=precision.attn_implementation,
         trust_remote_code=recipe.model.trust_remote_code,
         device_map={"": local_device(hw)},
+        use_safetensors=True,  # weights never come from a pickle (pytorch_model.bin), whoever wrote the directory
     )
     if quantized:
         kwargs["quantization_config"] = quantization_config(recipe, precision.compute_dtype)

@@ -298,6 +298,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         where = f"{label}:{mark.line + 1}" if mark is not None else label
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError([f"{where}: invalid YAML: {problem} (fix the syntax on that line)"]) from None
+    except Exception as e:  # noqa: BLE001
+        # PyYAML's constructors raise plain Python errors on some tagged scalars (`!!float` with no value -> IndexError,
+        # `!!bool` -> KeyError, `!!int x` -> ValueError): still just invalid YAML to the user.
+        raise RecipeError([f"{label}: invalid YAML: {e.__class__.__name__}: {e} (check the explicit !!tags)"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -512,8 +516,8 @@ def apply_override(raw: dict, item: str) -> None:
         raise ValueError("expected KEY=VALUE, e.g. lora.r=8")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value  # not valid YAML: take it as the plain string the user typed
+    except Exception:  # noqa: BLE001 - any YAML failure (see load_recipe): take it as the plain string typed
+        parsed = value
     steps: list[str | int] = []
     for part in key.strip().split("."):
         m = _PART.match(part)

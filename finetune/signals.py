@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 
@@ -32,11 +31,11 @@ class StopOnSignal:
         name = signal.Signals(signum).name
         if self.trainer.stop_signal is None:
             self.trainer.stop_signal = signum
-            print(f"\nfinetune: {name}: finishing the current step and writing a checkpoint "
-                  "(send it again to abort at once)", file=sys.stderr, flush=True)
+            _say(f"\nfinetune: {name}: finishing the current step and writing a checkpoint "
+                 "(send it again to abort at once)\n")
             return
-        print(f"\nfinetune: second {name}: aborting now; the last complete checkpoint is kept. Resume with:\n  "
-              f"{self.trainer.resume_command}", file=sys.stderr, flush=True)
+        _say(f"\nfinetune: second {name}: aborting now; the last complete checkpoint is kept. Resume with:\n  "
+             f"{self.trainer.resume_command}\n")
         if self.on_abort is not None:
             try:
                 self.on_abort()
@@ -54,3 +53,12 @@ class StopOnSignal:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+
+
+def _say(text: str) -> None:
+    """Write straight to fd 2: the signal may arrive while the main thread is inside a print to sys.stderr, and
+    a buffered write from the handler would then fail as a reentrant call."""
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass

@@ -324,15 +324,20 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
     # --- save (atomically: adapter/ either is complete or does not exist)
     if main:
         adapter = run / "adapter"
-        staging = ck.begin(adapter)
         try:
-            model.save_pretrained(staging, safe_serialization=True, state_dict=full_state)
-            tok.chat_template = template.source  # one template from training to every export
-            tok.save_pretrained(staging)
-            ck.commit(staging, adapter, marker=False)
-        except BaseException:
-            ck.abort(staging)
-            raise
+            staging = ck.begin(adapter)
+            try:
+                model.save_pretrained(staging, safe_serialization=True, state_dict=full_state)
+                tok.chat_template = template.source  # one template from training to every export
+                tok.save_pretrained(staging)
+                ck.commit(staging, adapter, marker=False)
+            except BaseException:
+                ck.abort(staging)
+                raise
+        except OSError as e:
+            last = ck.latest_complete(run / "checkpoints")
+            raise ck.CheckpointError(f"could not write {adapter}: {e.strerror or e}; training itself is complete in "
+                                     f"{last}. Free disk space, then this writes the adapter: {command}") from None
         rundir.update_manifest(run, finished=rundir.now(), train_seconds=round(time.time() - started, 1),
                                global_step=trainer.state.global_step)
         if shard_summary:

@@ -34,7 +34,7 @@ documents = st.recursive(
 
 # Raw text built from YAML's own syntax: anchors, aliases, tags, flow/block mixes, tabs, duplicate keys.
 FRAGMENTS = ["model:", "data:", "train:", "lora:", " base: x", "  - path: ", "&a ", "*a", "<<: *a", "!!python/object:os.system",
-             "!!binary ", "!!set ", "!!float", "? ", ": ", "- ", "[", "]", "{", "}", ",", "\n", "\n  ", "\t", "'", '"',
+             "!!binary ", "!!set ", "!!float", "!!int", "!!bool", "!!timestamp 2020-99-99", "!!omap ", "? ", ": ", "- ", "[", "]", "{", "}", ",", "\n", "\n  ", "\t", "'", '"',
              "#", "---\n", "...\n", "%YAML 1.1\n", "|\n  ", ">\n", "1e309", "0x1F", ".nan", "~", "yes", "\ufeff", "\x85"]
 yaml_text = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=40).map("".join)
 
@@ -46,7 +46,8 @@ def override_item():
     key = st.lists(st.tuples(segment, index).map("".join), min_size=1, max_size=4).map(".".join)
     key = st.one_of(key, st.sampled_from(DOTTED).map(lambda k: k.replace("[]", "[0]")))
     value = st.one_of(st.text(max_size=12), st.sampled_from(["8", "true", "[a, b]", "{x: 1}", "&a [*a]", "!!set {a}",
-                                                              "null", "", "-1", "1e-3", "nan", "'", "[", "@", "!!binary AA"]))
+                                                              "null", "", "-1", "1e-3", "nan", "'", "[", "@", "!!binary AA",
+                                                              "!!float", "!!bool", "!!int x"]))
     return st.one_of(st.tuples(key, st.just("="), value).map("".join), st.text(max_size=15))
 
 

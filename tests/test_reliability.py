@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,15 @@ def rel(tmp_path_factory, tiny_model_dir):
     import finetune.guard  # noqa: F401 - import transformers/trl now, so their log handlers bind to the real stderr,
     # not to the stream of the first CliRunner call (closed afterwards).
 
+    # One intra-op thread, here and in every subprocess: the same arithmetic everywhere (runs are compared bit for
+    # bit), and on a busy 2-core machine two OpenMP threads per process made these tiny runs ~30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "finetune-cache"))
+        mp.setenv("OMP_NUM_THREADS", "1")
         yield Rel(tmp_path_factory.mktemp("reliability"), tiny_model_dir)
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +84,7 @@ def rel(tmp_path_factory, tiny_model_dir):
 def cli(*args):
     r = CliRunner().invoke(app, [str(a) for a in args])
     if r.exception is not None and not isinstance(r.exception, SystemExit):
-        import traceback; traceback.print_exception(*r.exc_info)
+        traceback.print_exception(*r.exc_info)  # shown by pytest if the test fails
     return r
 
 
@@ -91,7 +98,8 @@ def launch(args, log: Path, inject: str = "") -> subprocess.Popen:
 
 def error_line(r) -> str:
     """The one-line error the CLI printed (a user error must never come with a traceback)."""
-    lines = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    # (a progress bar may leave its last frame on the same line, hence the search inside each line)
+    lines = [line[line.index("error: "):] for line in r.output.splitlines() if "error: " in line]
     assert len(lines) == 1 and "Traceback" not in r.output, r.output[-3000:]
     return lines[0]
 
@@ -306,6 +314,21 @@ def test_planted_pickle_is_refused_and_never_runs(rel, tmp_path, name):
     assert r.exit_code == 2 and f"{name}: refused to load" in error_line(r)
     assert not pwned.exists(), "the planted pickle ran"
     assert not (p / "adapter").exists()
+
+
+def test_base_weights_load_from_safetensors_only(rel, tiny_model_dir, tmp_path):
+    """A base directory whose weights are a pickle (pytorch_model.bin) is refused without unpickling it."""
+    from safetensors.torch import load_file as load_st
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    weights = load_st(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    pwned = tmp_path / "pwned"
+    torch.save({**weights, "payload": Payload(pwned)}, base / "pytorch_model.bin")
+    r = cli("train", rel.recipe["grad_accum"], f"output_dir={tmp_path / 'run'}", f"model.base={base}")
+    assert r.exit_code == 2 and "model.base" in error_line(r) and "safetensors" in error_line(r)
+    assert not pwned.exists()
 
 
 # ---------------------------------------------------------------------------------------------
