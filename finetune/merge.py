@@ -397,12 +397,16 @@ def merge_run(run: Path, base: str = "dequantized") -> Path:
 
     # 4. Save atomically: a temp dir renamed into place, the completion marker last.
     out = run / "merged"
+    for stale in run.glob(".merged.tmp*"):  # left by a merge that was killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = run / f".merged.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save(merged, tok, template, tmp, info)
-    rundir.write_json(tmp / "fidelity.json", fid)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        _save(merged, tok, template, tmp)
+        rundir.write_json(tmp / "fidelity.json", fid)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     (out / MARKER).write_text(json.dumps({"adapter_sha256": _adapter_sha(run), "base": base, "time": rundir.now()}))
     rundir.add_event(run, "merge", base=base, seconds=round(time.time() - started, 1))
     print(fid["summary"], flush=True)
@@ -413,7 +417,7 @@ def merge_run(run: Path, base: str = "dequantized") -> Path:
     return out
 
 
-def _save(model, tok, template: ChatTemplate, out: Path, info: RunInfo) -> None:
+def _save(model, tok, template: ChatTemplate, out: Path) -> None:
     from transformers import GenerationConfig
 
     model.config.use_cache = True
