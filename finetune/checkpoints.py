@@ -187,6 +187,11 @@ def clean_partial(root: Path) -> list[Path]:
     """
     removed = []
     for p in incomplete(root):
+        if p.name.startswith(".old-") and is_complete(p) and not (p.parent / p.name[5:]).exists():
+            # A crash between the two renames of a re-save: this is still the only copy of that step.
+            os.rename(p, p.parent / p.name[5:])
+            log.warning("restored %s from %s (a re-save of that step was interrupted)", p.name[5:], p.name)
+            continue
         if p.name.startswith(_STAGING):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)

@@ -458,11 +458,14 @@ def test_protocol_marker_rotation_and_cleanup(tmp_path):
         _fake_checkpoint(root, s)
     ck.begin(root / "checkpoint-4")  # a save that never finished
     (root / "checkpoint-5").mkdir()  # unmarked
+    os.rename(_fake_checkpoint(root, 6), root / ".old-checkpoint-6")  # a re-save of step 6 died between its renames
     assert [ck.step_of(p) for p in ck.list_complete(root)] == [1, 2, 3]
     ck.rotate(root, 2)
     assert [ck.step_of(p) for p in ck.list_complete(root)] == [2, 3]
     ck.clean_partial(root)
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3", "incomplete-checkpoint-5"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-6",
+                                                      "incomplete-checkpoint-5"]
+    ck.remove(root / "checkpoint-6")
     # a file damaged after the save: refused loudly by verify(), not silently skipped
     with open(root / "checkpoint-3" / "optimizer.pt", "r+b") as f:
         f.truncate(5)
