@@ -8,12 +8,11 @@ This is the only module, besides the CLI, that imports more than one stage.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from finetune.recipe import Recipe, validate_recipe
+from finetune.recipe import Recipe, load_resolved
 
 STAGES = ("train", "merge", "eval", "export")
 # Sections whose change makes an existing adapter a different experiment (eval/export may change freely).
@@ -29,9 +28,11 @@ class StageOutcome:
     stage: str
     ran: bool
     why: str
+    seconds: float = 0.0
 
     def line(self) -> str:
-        return f"[{self.stage}] {'ran' if self.ran else 'skipped'}: {self.why}"
+        took = f" in {self.seconds:.0f} s" if self.ran else ""
+        return f"[{self.stage}] {'ran' if self.ran else 'skipped'}{took}: {self.why}"
 
 
 def newest_mtime(path: Path) -> float:
@@ -47,7 +48,7 @@ def training_changes(recipe: Recipe, run: Path) -> list[str]:
     resolved = run / "resolved.yaml"
     if not resolved.is_file():
         return []
-    old = validate_recipe(yaml.safe_load(resolved.read_text(encoding="utf-8")), str(resolved)).model_dump(mode="json")
+    old = load_resolved(resolved).model_dump(mode="json")
     new = recipe.model_dump(mode="json")
     changes = []
     for section in TRAINING_SECTIONS:
@@ -120,7 +121,9 @@ def run_pipeline(recipe: Recipe, recipe_path, overrides=(), echo=print) -> tuple
              lambda: stage_eval(recipe, run), lambda: stage_export(recipe, run)]
     for name, step in zip(STAGES, steps):
         echo(f"[{name}] ...")
+        started = time.time()
         outcome = step()
+        outcome.seconds = time.time() - started
         echo(outcome.line())
         outcomes.append(outcome)
     return run, outcomes

@@ -26,6 +26,7 @@ def recipe_path(tmp_path_factory, tiny_model_dir):
 
 
 def ran(outcomes) -> dict:
+    print("\n".join(o.line() for o in outcomes))  # shown by pytest when an assertion below fails
     return {o.stage: o.ran for o in outcomes}
 
 
@@ -46,7 +47,7 @@ def test_run_skips_what_is_complete_and_reruns_what_is_stale(recipe_path):
     assert res.exit_code == 0, res.output
     for stage in ("train", "merge", "eval", "export"):
         assert f"[{stage}] skipped" in res.output
-    assert "| held | loss ↓ |" in res.stdout and f"report: {run / 'report.md'}" in res.stdout
+    assert "| held | loss ↓ |" in res.stdout, res.output and f"report: {run / 'report.md'}" in res.stdout
     stamp = (run / "eval" / "results.json").stat().st_mtime
 
     # merged/ lost: merge and everything after it runs again, training does not.

@@ -11,10 +11,8 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from finetune.evaluate.tasks import EvalError
-from finetune.recipe import Recipe, validate_recipe
+from finetune.recipe import Recipe, load_resolved
 
 MODEL_CHOICES = ("base", "adapter", "merged")
 
@@ -35,7 +33,6 @@ def open_run(run: Path | str) -> RunContext:
     from finetune import rundir
     from finetune.evaluate.generation import stop_token_ids
     from finetune.hardware import choose_precision, detect_hardware
-    from finetune.templates import load_template
     from transformers import AutoTokenizer
 
     run = Path(run)
@@ -43,15 +40,24 @@ def open_run(run: Path | str) -> RunContext:
         raise EvalError(f"{run}: not a run directory (no resolved.yaml); give the output_dir of a trained run")
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise EvalError(f"{run}: has no adapter yet; run `finetune train` (or `finetune run`) first")
-    recipe = validate_recipe(yaml.safe_load((run / "resolved.yaml").read_text(encoding="utf-8")),
-                             str(run / "resolved.yaml"))
+    recipe = load_resolved(run / "resolved.yaml")
     # The adapter's tokenizer is the one training used: pad fix applied, the run's chat template inside.
     tok = AutoTokenizer.from_pretrained(run / "adapter")
-    template = load_template(recipe.data.template, tok)
+    template = run_template(recipe, tok)
     hw = detect_hardware(recipe.train.device)
     precision = choose_precision(recipe, hw)
     return RunContext(run, recipe, rundir.read_manifest(run), tok, template, stop_token_ids(tok, template),
                       precision, hw)
+
+
+def run_template(recipe: Recipe, tok):
+    """The template text saved with the adapter (exactly what training rendered, even if the .jinja file has
+    changed or moved since), with the metadata of its header comment (end-of-turn token)."""
+    from finetune.templates import TOKENIZER_TEMPLATE, _parse, load_template
+
+    if recipe.data.template == TOKENIZER_TEMPLATE or not getattr(tok, "chat_template", None):
+        return load_template(recipe.data.template, tok)  # a model's own template: end token found by probing
+    return _parse(Path(recipe.data.template).stem, tok.chat_template)
 
 
 def merged_ready(run: Path) -> bool:

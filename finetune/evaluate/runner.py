@@ -62,16 +62,14 @@ def newest_mtime(path: Path) -> float:
 
 def eval_complete(run: Path, recipe=None, limit: int | None = None, model: str | None = None) -> bool:
     """results.json exists, was computed with this eval config, and is newer than the weights it scored."""
-    import yaml
-
-    from finetune.recipe import validate_recipe
+    from finetune.recipe import load_resolved
 
     run = Path(run)
     res = run / "eval" / "results.json"
     if not res.is_file() or not (run / "eval" / "table.md").is_file():
         return False
     if recipe is None:
-        recipe = validate_recipe(yaml.safe_load((run / "resolved.yaml").read_text(encoding="utf-8")))
+        recipe = load_resolved(run / "resolved.yaml")
     try:
         old = json.loads(res.read_text(encoding="utf-8"))
     except ValueError:
