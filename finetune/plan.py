@@ -10,7 +10,7 @@ The estimate is a sum of named parts, each computed from the model shape (LLaMA 
     overhead          CUDA context and allocator fragmentation (not visible to torch.cuda.max_memory_allocated)
 
 Weights and optimizer state are computed byte for byte the way bitsandbytes, peft and torch allocate them
-(tests/test_plan.py checks this *exactly* against models loaded on the CPU). Activations come from counting
+(tests/test_plan.py checks this *exactly*, with finetune/memory.py, against models loaded on the CPU). Activations come from counting
 the tensors autograd saves in a LLaMA decoder layer under our pipeline's dtypes; the per-token coefficients
 below were measured on this CPU with the profiler (fp32, and bf16 autocast as a stand-in for a GPU), see
 bench/RESULTS.md. On a GPU, bench/gpu.py compares the estimate with torch.cuda.max_memory_allocated.
@@ -218,23 +218,24 @@ def optimizer_state_bytes(tensor_sizes: list[int], optimizer: str, state_bytes: 
 # h hidden, kv = kv_heads*head_dim, i intermediate, r = sum of LoRA ranks over the adapted linears of a
 # layer, nh heads, v vocab. "layer" is what one decoder layer keeps for backward; "ckpt" what it keeps with
 # gradient checkpointing (its input: the residual stream, in the embeddings' dtype `res`); "loss"
-# the logits/log-softmax phase, plus "loss_const" bytes that do not scale with tokens; "layer_phase" what is
-# live besides the stored activations while one layer runs backward.
+# the log-softmax phase of the loss (the logits themselves are dropped before backward, as Trainer does), plus
+# "loss_const" bytes that do not scale with tokens; "layer_phase" the gradients live, besides the stored
+# activations, while one layer runs backward (its MLP or its attention, whichever is larger).
 ACT_COEFFS = {
     # fp32 compute (CPU): every saved tensor is fp32 and the LoRA branches share the layer's input.
     "fp32": dict(layer=lambda s, r: 4 * (6 * s.hidden + 2 * _kv(s) + 4 * s.intermediate + r + s.heads + 2),
                  ckpt=lambda s, res: res * s.hidden + 20,
-                 loss=lambda s: 16 * s.vocab + 256,
+                 loss=lambda s: 12 * s.vocab + 256,
                  loss_const=lambda s: 0,
-                 layer_phase=lambda s: 4 * s.vocab + 8 * s.intermediate + 4 * s.hidden),
+                 layer_phase=lambda s: max(8 * s.intermediate + 5 * s.hidden // 4, 16 * s.hidden)),
     # bf16 autocast over the fp32 norms/embeddings/LoRA that prepare_model_for_kbit_training leaves: the
     # residual stream is fp32, each LoRA input is its own bf16 copy, the MLP is fp32 between matmuls, and
     # autocast keeps a bf16 copy of the (fp32, frozen) lm_head weight from forward to backward.
     "bf16": dict(layer=lambda s, r: 24 * s.hidden + 4 * _kv(s) + 14 * s.intermediate + 2 * r + 4 * s.heads + 8,
                  ckpt=lambda s, res: res * s.hidden + 20,
-                 loss=lambda s: 14 * s.vocab,
+                 loss=lambda s: 12 * s.vocab + 256,
                  loss_const=lambda s: 2 * s.vocab * s.hidden,
-                 layer_phase=lambda s: 2 * s.vocab + 10 * s.intermediate + 6 * s.hidden),
+                 layer_phase=lambda s: max(10 * s.intermediate + 5 * s.hidden, 20 * s.hidden)),
 }
 
 
@@ -555,58 +556,3 @@ def render(plan: Plan) -> str:
         for a in plan.advice:
             lines.append(f"  - {a}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# What a loaded model / optimizer really holds: the quantities the estimate is checked against.
-
-
-def _quant_state_tensors(qs) -> list:
-    out = []
-    for v in vars(qs).values():
-        if hasattr(v, "untyped_storage"):
-            out.append(v)
-        elif v.__class__.__name__ == "QuantState":
-            out += _quant_state_tensors(v)
-    return out
-
-
-def model_bytes(model) -> dict[str, int]:
-    """Bytes held by a model, each storage counted once: base (4-bit data + quantisation state, or frozen
-    16/32-bit linears), kept (other frozen parameters), lora (trainable), buffers."""
-    seen: set[int] = set()
-    out = {"base": 0, "kept": 0, "lora": 0, "buffers": 0}
-
-    def add(key, t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            out[key] += st.nbytes()
-
-    linear_names = {name for name, _, _ in SHAPES["llama-7b"].linears()}
-    for name, p in model.named_parameters():
-        qs = getattr(p, "quant_state", None)
-        if p.requires_grad:
-            add("lora", p)
-        elif qs is not None:
-            add("base", p)
-            for t in _quant_state_tensors(qs):
-                add("base", t)
-        elif any(f".{n}." in f".{name}" for n in linear_names):
-            add("base", p)
-        else:
-            add("kept", p)
-    for b in model.buffers():
-        add("buffers", b)
-    return out
-
-
-def optimizer_bytes(optimizer) -> int:
-    """Bytes of every tensor in an optimizer's state (shared tensors counted once)."""
-    seen, total = set(), 0
-    for state in optimizer.state.values():
-        for v in state.values():
-            if hasattr(v, "untyped_storage") and v.untyped_storage().data_ptr() not in seen:
-                seen.add(v.untyped_storage().data_ptr())
-                total += v.untyped_storage().nbytes()
-    return total

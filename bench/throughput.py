@@ -1,0 +1,179 @@
+"""Real-token throughput: `finetune train` against a plain TRL SFTTrainer + PEFT QLoRA script.
+
+Same model, same rows (bench/lengthmix.py: most examples short, a long tail), same chat template, one epoch each,
+so every arm trains on the same real tokens. Arms run alternately in one process, with repeats:
+
+    ours_packed   `finetune train` with data.packing: true (TRL's BFD packing, padding-free, position_ids)
+    ours_padded   `finetune train` with data.packing: false
+    trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing
+
+Every arm uses the same micro-batch and gradient accumulation (our recipe defaults) and the same precision
+(fp32 on CPU: TRL's bf16=True default breaks NF4 training on a CPU, see NOTES.md). Tokens are counted where
+the Trainer sees them (training_step's inputs): real = non-pad, fed = the tensor's size. Time is the Trainer's
+own train_runtime (model loading excluded).
+
+    python bench/throughput.py                       # SmolLM2-135M (built in), 160 rows, 3 repeats
+    python bench/throughput.py --rows 64 --repeats 1 # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+import lengthmix
+import yaml
+
+CHATML = _common.REPO / "data_templates" / "chatml.jinja"
+
+
+class TokenCounter:
+    """Counts the tokens of every training_step, whichever trainer runs it."""
+
+    def __init__(self):
+        self.real = self.fed = self.steps = 0
+
+    def install(self):
+        from transformers import Trainer
+
+        original = Trainer.training_step
+        counter = self
+
+        def training_step(self, model, inputs, *a, **kw):
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            counter.fed += ids.numel()
+            counter.real += int(mask.sum()) if mask is not None else ids.numel()  # padding-free: no pads at all
+            counter.steps += 1
+            return original(self, model, inputs, *a, **kw)
+
+        Trainer.training_step = training_step
+
+    def take(self) -> dict:
+        out = {"real_tokens": self.real, "fed_tokens": self.fed, "micro_steps": self.steps}
+        self.real = self.fed = self.steps = 0
+        return out
+
+
+def write_recipe(work: Path, model: str, data: Path, args, packing: bool, name: str) -> Path:
+    recipe = {
+        "model": {"base": model},
+        "data": {"train": [{"path": str(data), "format": "alpaca"}], "template": "chatml",
+                 "max_length": args.max_length, "packing": packing},
+        "train": {"epochs": 1, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
+                  "report_to": ["none"], "save_steps": 100000, "seed": 0},
+        "output_dir": str(work / name),
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_ours(recipe_path: Path) -> float:
+    from finetune.recipe import load_recipe
+    from finetune.train import train
+
+    recipe = load_recipe(recipe_path)
+    shutil.rmtree(recipe.output_dir, ignore_errors=True)
+    run = train(recipe, recipe_path)
+    logs = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    return float(next(x["train_runtime"] for x in reversed(logs) if "train_runtime" in x))
+
+
+def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1) -> float:
+    """The script a TRL user would write: model in 4-bit, a LoraConfig, SFTTrainer, TRL's defaults."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHATML.read_text()  # the same tokens as our arm
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["instruction"]},
+                                                   {"role": "assistant", "content": r["output"]}]} for r in rows])
+    cfg = SFTConfig(output_dir=str(work / "trl"), num_train_epochs=1, max_steps=max_steps,
+                    per_device_train_batch_size=args.micro_batch,
+                    gradient_accumulation_steps=args.grad_accum, max_length=args.max_length, learning_rate=2e-4,
+                    bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no", seed=0)
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
+    out = trainer.train()
+    return float(out.metrics["train_runtime"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description="finetune train vs a plain TRL script: real tokens per second")
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--rows", type=int, default=160)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=4)
+    ap.add_argument("--arms", default="ours_packed,ours_padded,trl")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from finetune.models import resolve_base
+
+    work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    data = lengthmix.write(work / "mix.jsonl", args.rows, seed=0)
+    model_dir = resolve_base(args.model).hf_path
+    arms = args.arms.split(",")
+    recipes = {a: write_recipe(work, args.model, data, args, a == "ours_packed", a) for a in arms if a != "trl"}
+    counter = TokenCounter()
+    counter.install()
+    runs = []
+    for rep in range(args.repeats):
+        order = arms[rep % len(arms):] + arms[:rep % len(arms)]  # rotate, so no arm always goes first
+        for arm in order:
+            t0 = time.time()
+            seconds = run_trl(model_dir, data, args, work) if arm == "trl" else run_ours(recipes[arm])
+            c = counter.take()
+            runs.append({"repeat": rep, "arm": arm, "seconds": round(seconds, 2), **c,
+                         "non_pad_fraction": round(c["real_tokens"] / max(1, c["fed_tokens"]), 4),
+                         "real_tokens_per_s": round(c["real_tokens"] / seconds, 1),
+                         "wall_incl_load_s": round(time.time() - t0, 1)})
+            print(f"[{rep}] {arm}: {runs[-1]['real_tokens_per_s']} real tok/s", flush=True)
+    summary = []
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        summary.append({"arm": arm, "real tok/s (median)": _common.median([r["real_tokens_per_s"] for r in mine]),
+                        "non-pad fraction": mine[0]["non_pad_fraction"], "real tokens": mine[0]["real_tokens"],
+                        "repeats": len(mine)})
+    ratios = {}
+    if "trl" in arms:
+        for arm in arms:
+            if arm == "trl":
+                continue
+            per_rep = [a["real_tokens_per_s"] / b["real_tokens_per_s"] for rep in range(args.repeats)
+                       for a in runs if a["arm"] == arm and a["repeat"] == rep
+                       for b in runs if b["arm"] == "trl" and b["repeat"] == rep]
+            ratios[f"{arm}/trl"] = {"median": round(_common.median(per_rep), 3), "per_repeat": [round(x, 3) for x in per_rep]}
+            for row in summary:
+                if row["arm"] == arm:
+                    row["speed-up vs trl (a/b)"] = ratios[f"{arm}/trl"]["median"]
+                    row["b/a"] = round(1 / ratios[f"{arm}/trl"]["median"], 3)
+    print(_common.table(summary, ["arm", "real tok/s (median)", "speed-up vs trl (a/b)", "b/a", "non-pad fraction",
+                                  "real tokens", "repeats"]))
+    path = _common.save("throughput", {"args": vars(args), "runs": runs, "summary": summary, "ratios": ratios},
+                        args.out)
+    print(f"results: {path}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""`finetune plan`: published QLoRA figures, exact parameter/optimizer bytes of real CPU models, and the
+activation model against the profiler's measured peak."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from finetune import plan as P
+from finetune.memory import model_bytes, optimizer_bytes, step_peak_bytes
+from finetune.cli import app
+from finetune.hardware import choose_precision, detect_hardware
+from finetune.models import attach_lora, load_base, resolve_base
+from finetune.recipe import load_recipe
+
+PAPER = P.Setup(seq_len=512, batch=1, lora_r=64, target_modules="all-linear", optimizer="paged_adamw_8bit",
+                gradient_checkpointing=True, compute="bf16")
+"""The QLoRA paper's setting: r=64 on every linear layer, bf16 compute, paged 8-bit AdamW, checkpointing."""
+
+
+def test_llama_65b_finetunes_under_48gb():
+    plan = P.estimate(P.SHAPES["llama-65b"], PAPER, gpu_memory=48 * P.GIB)
+    assert plan.fits
+    assert 38 * P.GIB < plan.total < 48 * P.GIB  # fits, but not trivially: the 4-bit base alone is ~31 GiB
+    assert not P.estimate(P.SHAPES["llama-65b"], replace(PAPER, load_in_4bit=False), 48 * P.GIB).fits
+
+
+def test_llama_7b_nf4_base_is_about_5gb():
+    plan = P.estimate(P.SHAPES["llama-7b"], PAPER)
+    base = plan.part("base") + plan.part("kept")
+    assert 4.0e9 < base < 5.5e9
+    # Double quantisation saves 0.373 bits per quantised parameter (QLoRA paper, section 3).
+    n = 32 * sum(a * b for _, a, b in P.SHAPES["llama-7b"].linears())
+    no_dq = P.estimate(P.SHAPES["llama-7b"], replace(PAPER, double_quant=False)).part("base")
+    assert (no_dq - plan.part("base")) * 8 / n == pytest.approx(0.373, abs=0.005)
+    assert no_dq * 8 / n == pytest.approx(4.5, abs=0.01)  # 4 bits + one fp32 absmax per 64 weights
+
+
+def _loaded(recipe_path, overrides=()):
+    recipe = load_recipe(recipe_path, list(overrides))
+    hw = detect_hardware("cpu")
+    precision = choose_precision(recipe, hw)
+    model = load_base(recipe, resolve_base(recipe.model.base), precision, hw)
+    model = attach_lora(model, recipe, recipe.train.gradient_checkpointing)
+    for p in model.parameters():  # what train.keep_adapter_fp32 does
+        if p.requires_grad:
+            p.data = p.data.float()
+    return recipe, model
+
+
+def _assert_exact(recipe, model, batch=2, seq=16):
+    plan = P.plan_recipe(recipe, None, device="cpu")
+    got = model_bytes(model)
+    assert got == {k: plan.part(k) for k in got}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(5, model.config.vocab_size, (batch, seq))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert optimizer_bytes(opt) == plan.part("optimizer")
+    assert sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad) == plan.part("grads")
+
+
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("quantization.double_quant=false", "lora.r=4", "lora.target_modules=[q_proj,v_proj,down_proj]"),
+])
+def test_exact_bytes_tiny(recipe_factory, overrides):
+    recipe, model = _loaded(recipe_factory(), overrides)
+    _assert_exact(recipe, model)
+
+
+@pytest.mark.slow
+def test_exact_bytes_smollm2(tmp_path):
+    recipe, model = _loaded("recipes/smollm2/135m_qlora_quickstart.yaml", [f"output_dir={tmp_path / 'run'}"])
+    _assert_exact(recipe, model, batch=1, seq=8)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_activation_estimate_matches_profiler(recipe_factory, ckpt):
+    recipe, model = _loaded(recipe_factory(), [f"train.gradient_checkpointing={str(ckpt).lower()}"])
+    model.config.use_cache = False
+    model.train()
+    measured = step_peak_bytes(model, batch=4, seq=48)
+    plan = P.plan_recipe(recipe, None, device="cpu", batch=4, seq_len=48)
+    estimated = plan.part("activations")
+    assert estimated == pytest.approx(measured, rel=0.05)
+
+
+def test_sharding_and_processes():
+    shape = P.SHAPES["llama-2-70b"]
+    one = P.estimate(shape, PAPER)
+    ddp = P.estimate(shape, replace(PAPER, num_processes=2, sharding="ddp"))
+    fsdp = P.estimate(shape, replace(PAPER, num_processes=2, sharding="fsdp"))
+    off = P.estimate(shape, replace(PAPER, num_processes=2, sharding="fsdp_offload"))
+    assert ddp.part("base") == one.part("base") and ddp.part("ddp") == one.part("grads")
+    assert fsdp.part("base") == one.part("base") // 2
+    assert fsdp.part("kept") < one.part("kept") // 2  # also 16-bit: sharded runs skip the fp32 upcast
+    assert off.part("base") == off.part("optimizer") == 0 and off.total < fsdp.total < one.total
+    assert off.part("gathered") > 0
+
+
+def test_advice_names_a_change_that_fits():
+    plan = P.estimate(P.SHAPES["llama-3-8b"], P.Setup(seq_len=2048, batch=8, gradient_checkpointing=False), 24 * P.GIB)
+    assert not plan.fits and plan.advice
+    assert "gradient checkpointing" in plan.advice[0]
+    fixed = P.estimate(P.SHAPES["llama-3-8b"], P.Setup(seq_len=2048, batch=8, gradient_checkpointing=True), 24 * P.GIB)
+    assert fixed.total < plan.total
+
+
+def test_shape_from_local_config_and_gguf(tiny_model_dir):
+    shape, source = P.resolve_shape(str(tiny_model_dir))
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert (shape.hidden, shape.layers, shape.vocab) == (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"])
+    assert "config.json" in source
+    from finetune.models import builtin_gguf
+
+    gguf_shape, _ = P.resolve_shape(str(builtin_gguf("smollm2-135m-instruct")))
+    assert replace(gguf_shape, name="x") == replace(P.SHAPES["smollm2-135m"], name="x")
+    with pytest.raises(P.PlanError, match="--shape"):
+        P.resolve_shape("someone/unknown-model")
+
+
+def test_parse_size():
+    assert P.parse_size("24GiB") == P.parse_size("24GB") == P.parse_size("24") == 24 * P.GIB
+    assert P.parse_size("40960MiB") == 40 * P.GIB
+    with pytest.raises(P.PlanError):
+        P.parse_size("lots")
+
+
+def test_cli_plan(recipe_factory):
+    runner = CliRunner()
+    path = str(recipe_factory())
+    ok = runner.invoke(app, ["plan", path, "--gpu-memory", "1GiB"])
+    assert ok.exit_code == 0, ok.output
+    assert "4-bit base" in ok.output and "fits in" in ok.output
+    small = runner.invoke(app, ["plan", path, "--gpu-memory", "1MiB", "--json"])
+    assert small.exit_code == 1
+    data = json.loads(small.output)
+    assert data["fits"] is False and data["advice"]
+    bad = runner.invoke(app, ["plan", path, "--gpu-memory", "a lot"])
+    assert bad.exit_code == 2 and "--gpu-memory" in bad.output
+    cfg = runner.invoke(app, ["plan", path, "--accelerate-config", "recipes/accelerate/fsdp_qlora.yaml", "--json"])
+    setup = json.loads(cfg.output)["setup"]
+    assert (setup["num_processes"], setup["sharding"]) == (2, "fsdp")
