@@ -9,6 +9,7 @@ Built so that those tests can fail:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -53,9 +54,23 @@ def build_merged_run(tmp: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
     from finetune.recipe import load_recipe
     from finetune.train import train
 
-    base = outlier_base(tiny_model_dir, tmp / "base")
-    path = make_recipe(tmp, base, data={"held_out": 4, "system_prompt": SYSTEM_PROMPT})
-    run = train(load_recipe(path), path)
-    perturb_lora_b(run / "adapter")
-    merge_run(run)
+    with one_thread():
+        base = outlier_base(tiny_model_dir, tmp / "base")
+        path = make_recipe(tmp, base, data={"held_out": 4, "system_prompt": SYSTEM_PROMPT})
+        run = train(load_recipe(path), path)
+        perturb_lora_b(run / "adapter")
+        merge_run(run)
     return run, base
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread: on the tiny model every op is tiny, and on a busy 2-core machine each OpenMP
+    parallel region waits for a descheduled second thread (a merge measured 0.4 s with one thread, 10-50 s
+    with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -18,6 +18,14 @@ from tiny import build_tiny_llama
 llama_cpp = pytest.importorskip("llama_cpp", reason="CI installs llama-cpp-python for the GGUF tests")
 
 RUNNER = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    from merged_run import one_thread
+
+    with one_thread():
+        yield
 TWO_TURNS = [{"role": "system", "content": "You answer briefly."},
              {"role": "user", "content": "what is red"}, {"role": "assistant", "content": "one"},
              {"role": "user", "content": "and green? 😀 naïve"}]

@@ -18,6 +18,14 @@ from typer.testing import CliRunner
 RUNNER = CliRunner()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    from merged_run import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture
 def merged(merged_run):
     return merged_run
