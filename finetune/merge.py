@@ -25,7 +25,7 @@ import torch
 from finetune import rundir
 from finetune.data import prompt_ids, render_ids_and_mask
 from finetune.hardware import Hardware, Precision, detect_hardware
-from finetune.models import BaseSource, load_base, resize_for_tokenizer
+from finetune.models import BaseSource, keep_training_nf4_layout, load_base, resize_for_tokenizer
 from finetune.recipe import Recipe, load_resolved
 from finetune.report import write_report
 from finetune.templates import ChatTemplate, load_template
@@ -128,23 +128,6 @@ def four_bit_modules(model) -> list[str]:
     """Names of modules whose weight is still packed 4-bit (bitsandbytes Params4bit)."""
     return [name for name, mod in model.named_modules()
             if type(getattr(mod, "weight", None)).__name__ == "Params4bit"]
-
-
-def keep_training_nf4_layout(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
-
-    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit the first time it runs in eval mode
-    without gradients: it rounds the absmax scales to bf16 and computes in bf16. Training never takes that
-    path, so the repacked layer is no longer the NF4 weight the adapter was trained against, and the repack
-    cannot be undone exactly. Keep the standard layout so the reference and the dequantisation see the
-    training-time weights.
-    """
-    import bitsandbytes as bnb
-
-    mods = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for m in mods:
-        m.support_avx512bf16_for_cpu = False
-    return len(mods)
 
 
 def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:

@@ -289,7 +289,27 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
         model = AutoModelForCausalLM.from_pretrained(source.hf_path, **kwargs)
     except OSError as e:
         raise ModelSourceError(f"model.base: cannot load {source.spec!r}: {str(e).splitlines()[0]}") from None
+    if quantized:
+        keep_training_nf4_layout(model)
     return model
+
+
+def keep_training_nf4_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit the first time it runs in eval mode
+    without gradients: it rounds the absmax scales to bf16 and computes in bf16 through gemv_4bit, which has
+    no autograd kernel. The repacked layer is no longer the NF4 weight the adapter was trained against (eval
+    and generate would measure another model), and a held-out evaluation *during* training would switch the
+    remaining steps onto a kernel that silently drops input gradients. Every 4-bit load keeps the standard
+    layout, so training, evaluation and merge all see the same weights.
+    """
+    import bitsandbytes as bnb
+
+    mods = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in mods:
+        m.support_avx512bf16_for_cpu = False
+    return len(mods)
 
 
 def attach_lora(model, recipe, gradient_checkpointing: bool):

@@ -98,3 +98,28 @@ def test_bad_data_row_is_one_line(tmp_path, tiny_model_dir):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'train.jsonl'}:3: missing field 'output'")
     assert "Traceback" not in out.stderr
+
+
+def test_held_out_eval_during_training_keeps_the_training_kernel(trained):
+    """bitsandbytes repacks NF4 layers for a bf16 CPU kernel on the first eval-mode forward; after that,
+    training would run through gemv_4bit, which has no autograd kernel and silently drops gradients."""
+    assert "gemv_4bit" not in trained["stderr"]
+
+
+def test_4bit_base_is_never_repacked_by_inference(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from finetune.hardware import choose_precision, detect_hardware
+    from finetune.models import load_base, resolve_base
+    from finetune.recipe import validate_recipe
+
+    r = validate_recipe({"model": {"base": str(tiny_model_dir)}, "data": {"train": [{"path": "tatsu-lab/alpaca"}]},
+                         "quantization": {"compute_dtype": "float32"}, "output_dir": "x"})
+    hw = detect_hardware("cpu")
+    model = load_base(r, resolve_base(str(tiny_model_dir)), choose_precision(r, hw), hw).eval()
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    before = layer.weight.quant_state.absmax.clone()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 7, 9]]))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(layer.weight.quant_state.absmax, before)
