@@ -19,7 +19,7 @@ def quiet(_msg):
 @pytest.fixture(scope="module")
 def recipe_path(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("pipeline")
-    return make_recipe(root, tiny_model_dir, data={"held_out": 4},
+    return make_recipe(root, tiny_model_dir, data={"held_out": 4}, train={"eval_steps": 100},
                        eval={"model": "both", "bootstrap": 100,
                              "tasks": [{"name": "held", "kind": "held_out", "max_new_tokens": 6}]},
                        export={"formats": ["adapter"]})
