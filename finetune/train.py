@@ -140,16 +140,27 @@ def keep_adapter_fp32(model) -> None:
             param.data = param.data.to(torch.float32)
 
 
+def load_tokenizer_and_template(recipe: Recipe):
+    """The base source, its checked tokenizer and the run's template, refusing a template the tokenizer can't express."""
+    source = resolve_base(recipe.model.base)
+    tok = load_tokenizer(recipe, source)
+    template = load_template(recipe.data.template, tok)
+    missing = check_tokenizer_supports(template, tok)
+    if missing:
+        raise data_mod.DataError(
+            f"data.template: template {template.name} needs special tokens the tokenizer lacks: {missing}; "
+            "use a template made for this model (see data_templates/README.md) or `template: tokenizer`")
+    problems = data_mod.check_template_tokens(tok, template)
+    if problems:
+        raise data_mod.DataError("; ".join(problems))
+    return source, tok, template
+
+
 def print_data_summary(report: dict, template_name: str) -> None:
-    pct = report.get("length_percentiles", {})
-    lines = [
-        f"data: {report['rows']['train']} train rows, {report['rows']['held_out']} held out; template {template_name}",
-        f"      tokens {report['tokens']}, supervised {100 * report['supervised_fraction']:.1f}%, "
-        f"length p50 {pct.get('p50')} p95 {pct.get('p95')} max {pct.get('p100')}",
-        f"      truncated {report['truncated']}, dropped {report['dropped']['count']}, "
-        f"skipped bad rows {report['skipped_rows']['count']}, packing efficiency {report['packing_efficiency']:.2f}",
-    ]
-    print("\n".join(lines), flush=True)
+    """One screen, before the first step: what the model will be trained on (see `finetune data`)."""
+    from finetune.data_view import format_report
+
+    print(f"template: {template_name}\n" + format_report(report, examples=1), flush=True)
 
 
 def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False, force: bool = False,
@@ -194,7 +205,6 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
         latest = ck.latest_complete(run / "checkpoints") if resume else None
         plan = resume_mod.ResumePlan(latest, ck.step_of(latest) if latest else 0)
 
-
     # --- setup: hardware, tokenizer, template
     hw = detect_hardware(recipe.train.device)
     precision = choose_precision(recipe, hw)
@@ -205,17 +215,7 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
         from finetune.recipe import RecipeError
 
         raise RecipeError([f"{recipe_path}: {p}" for p in problems])
-    source = resolve_base(recipe.model.base)
-    tok = load_tokenizer(recipe, source)
-    template = load_template(recipe.data.template, tok)
-    missing = check_tokenizer_supports(template, tok)
-    if missing:
-        raise data_mod.DataError(
-            f"data.template: template {template.name} needs special tokens the tokenizer lacks: {missing}; "
-            "use a template made for this model (see data_templates/README.md) or `template: tokenizer`")
-    problems = data_mod.check_template_tokens(tok, template)
-    if problems:
-        raise data_mod.DataError("; ".join(problems))
+    source, tok, template = load_tokenizer_and_template(recipe)
 
     # --- data
     prepared = data_mod.prepare(recipe, tok, template)
@@ -266,13 +266,13 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
     from finetune.guard import GuardedSFTTrainer
     from finetune.signals import StopOnSignal
 
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, even when one process trains twice
     held_ds = None
     if prepared.held_out:
         held_enc, _ = data_mod.encode_all(prepared.held_out, tok, template, recipe.data.model_copy(update={"too_long": "truncate"}))
         held_ds = data_mod.to_dataset(held_enc)
     args = sft_config(recipe, precision, hw, run, held_ds is not None, len(prepared.train))
-    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=data_mod.to_dataset(prepared.train),
+    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=prepared.train,
                                 eval_dataset=held_ds, processing_class=tok,
                                 callbacks=[JsonlLogCallback(run / "train_log.jsonl")],
                                 on_nan=recipe.train.on_nan, resume_command=command)
