@@ -231,6 +231,27 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model_dir):
     assert any(g.text for g in batched)
 
 
+def test_dense_cpu_copy_of_the_4bit_base_computes_the_same(trained_run):
+    """Eval on the CPU dequantises the NF4 base once instead of at every token: same logits, base and tuned."""
+    import bitsandbytes as bnb
+
+    from finetune.evaluate.loading import as_model, load_tuned, open_run
+
+    ctx = open_run(trained_run)
+    quantized, dense = load_tuned(ctx, dense_on_cpu=False), load_tuned(ctx)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in quantized.modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    ids = torch.tensor([ctx.tok("what is red the answer", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        for name in ("base", "adapter"):
+            with as_model(quantized, name), as_model(dense, name):
+                a, b = quantized(input_ids=ids).logits, dense(input_ids=ids).logits
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), (name, (a - b).abs().max())
+        with as_model(dense, "base"):
+            base = dense(input_ids=ids).logits
+        assert not torch.allclose(base, dense(input_ids=ids).logits, atol=1e-4)  # the adapter does something
+
+
 def _copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "eval"))
     return dest

@@ -65,7 +65,7 @@ def merged_ready(run: Path) -> bool:
     return (m / "config.json").is_file() and any(m.glob("*.safetensors"))
 
 
-def load_tuned(ctx: RunContext):
+def load_tuned(ctx: RunContext, dense_on_cpu: bool = True):
     """The 4-bit base with the run's adapter attached (eval mode, no dropout)."""
     from peft import PeftModel
 
@@ -74,7 +74,40 @@ def load_tuned(ctx: RunContext):
     base = load_base(ctx.recipe, resolve_base(ctx.recipe.model.base), ctx.precision, ctx.hw)
     resize_for_tokenizer(base, ctx.tok)
     model = PeftModel.from_pretrained(base, str(ctx.run / "adapter"), is_trainable=False)
+    if dense_on_cpu and not ctx.hw.cuda:
+        densify_4bit_on_cpu(model, ctx.precision.compute_dtype)
     return model.eval()
+
+
+def densify_4bit_on_cpu(model, dtype) -> int:
+    """Swap every 4-bit base layer for a dense one holding dequant(NF4(W)), the adapter staying on top.
+
+    On the CPU, bitsandbytes computes a 4-bit layer by dequantising its whole weight and then multiplying, on
+    every call; in generation that is once per new token, which made decoding ~10x slower than the matmuls.
+    Dequantising once gives the very same weights, so the outputs are identical (a test checks it). Skipped
+    when the dense copy would not fit comfortably in memory; never done on a GPU, where 4-bit kernels are fast
+    and memory is what 4-bit is for.
+    """
+    import os
+
+    import bitsandbytes as bnb
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), bnb.nn.Linear4bit)]
+    dense_bytes = sum(m.base_layer.in_features * m.base_layer.out_features for m in layers) * torch.finfo(dtype).bits // 8
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if not layers or dense_bytes > ram // 4:
+        return 0
+    for m in layers:
+        q = m.base_layer
+        dense = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype))
+            if q.bias is not None:
+                dense.bias.copy_(q.bias.to(dtype))
+        dense.requires_grad_(False)
+        m.base_layer = dense
+    return len(layers)
 
 
 def load_merged(ctx: RunContext):
