@@ -167,7 +167,10 @@ def main():
             raise SystemExit("bench/gpu.py needs a CUDA GPU (or --smoke for the CPU check)")
         shapes = {name: P.SHAPES[name] for name in args.shapes.split(",")}
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() and not args.smoke else None
+    # Random checkpoints are written and read back once per arm: RAM-backed /dev/shm if it has room for them.
+    need = 2.5 * max(s.n_params() for s in shapes.values())
+    shm = Path("/dev/shm") if (not args.smoke and Path("/dev/shm").is_dir()
+                               and shutil.disk_usage("/dev/shm").free > need) else None
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=shm))
     os.environ["FINETUNE_CACHE"] = str(work / "cache")
     data = lengthmix.write(work / "mix.jsonl", args.rows, seed=0)

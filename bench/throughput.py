@@ -5,6 +5,7 @@ so every arm trains on the same real tokens. Arms run alternately in one process
 
     ours_packed   `finetune train` with data.packing: true (TRL's BFD packing, padding-free, position_ids)
     ours_padded   `finetune train` with data.packing: false
+    ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true
     trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing
 
 Every arm uses the same micro-batch and gradient accumulation (our recipe defaults) and the same precision
@@ -60,11 +61,12 @@ class TokenCounter:
         return out
 
 
-def write_recipe(work: Path, model: str, data: Path, args, packing: bool, name: str) -> Path:
+def write_recipe(work: Path, model: str, data: Path, args, name: str) -> Path:
     recipe = {
         "model": {"base": model},
         "data": {"train": [{"path": str(data), "format": "alpaca"}], "template": "chatml",
-                 "max_length": args.max_length, "packing": packing},
+                 "max_length": args.max_length, "packing": name == "ours_packed",
+                 "group_by_length": name == "ours_grouped"},
         "train": {"epochs": 1, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
                   "report_to": ["none"], "save_steps": 100000, "seed": 0},
         "output_dir": str(work / name),
@@ -123,7 +125,7 @@ def main():
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
-    ap.add_argument("--arms", default="ours_packed,ours_padded,trl")
+    ap.add_argument("--arms", default="ours_packed,ours_padded,ours_grouped,trl")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -133,7 +135,7 @@ def main():
     data = lengthmix.write(work / "mix.jsonl", args.rows, seed=0)
     model_dir = resolve_base(args.model).hf_path
     arms = args.arms.split(",")
-    recipes = {a: write_recipe(work, args.model, data, args, a == "ours_packed", a) for a in arms if a != "trl"}
+    recipes = {a: write_recipe(work, args.model, data, args, a) for a in arms if a != "trl"}
     counter = TokenCounter()
     counter.install()
     runs = []

@@ -482,7 +482,11 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
         optimizer = "adamw_torch"
     if sharding is None:
         sharding = "ddp" if num_processes > 1 else "none"
-    return Setup(seq_len=seq_len or recipe.data.max_length, batch=batch or t.micro_batch_size,
+    if batch is None:
+        # Packed without flash-attention, train.py feeds one max_length block per forward pass.
+        flash = recipe.model.attn_implementation == "flash_attention_2" and device == "cuda"
+        batch = 1 if recipe.data.packing and not flash else t.micro_batch_size
+    return Setup(seq_len=seq_len or recipe.data.max_length, batch=batch,
                  load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, compute=compute, lora_r=recipe.lora.r,
                  target_modules=recipe.lora.target_modules if isinstance(recipe.lora.target_modules, str)
                  else tuple(recipe.lora.target_modules),

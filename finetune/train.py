@@ -63,6 +63,12 @@ def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
+    micro, accum = t.micro_batch_size, t.grad_accum
+    if d.packing and precision.attn_implementation != "flash_attention_2":
+        # A packed micro-batch is flattened into one padding-free row. Only flash-attention's varlen kernel keeps
+        # attention within each block; sdpa/eager compute it over the whole row, (micro x max_length)^2. One block
+        # per forward pass, accumulated, trains on the same blocks per optimizer step for micro x less of that.
+        micro, accum = 1, t.micro_batch_size * t.grad_accum
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = max(1, math.ceil(n_train / (t.micro_batch_size * t.grad_accum * world)))
     total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
@@ -72,9 +78,9 @@ def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train
         output_dir=str(run / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
@@ -99,6 +105,7 @@ def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train
         max_length=d.max_length,
         packing=d.packing,
         packing_strategy="bfd",
+        train_sampling_strategy="group_by_length" if d.group_by_length and not d.packing else "random",
         # Our dataset already carries labels (assistant-only, EOS supervised); TRL must not rebuild them.
         assistant_only_loss=False,
         completion_only_loss=False,

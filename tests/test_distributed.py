@@ -21,7 +21,8 @@ ROWS = [{"instruction": f"what is item {i}", "input": "", "output": f"answer {i}
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("ddp")
-    recipe = make_recipe(tmp, tiny_model_dir, rows=ROWS,
+    # Unpacked, so that what each rank collates is one row (packed, it would be blocks of rows).
+    recipe = make_recipe(tmp, tiny_model_dir, rows=ROWS, data={"packing": False},
                          train={"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "save_steps": 2,
                                 "learning_rate": 5e-3, "report_to": ["none"], "gradient_checkpointing": False})
     env = dict(os.environ, FINETUNE_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")

@@ -74,7 +74,8 @@ def test_autocast_flags_always_match_compute_dtype(hw):
 
 def test_gradient_checkpointing_and_logging_mapping(tmp_path):
     r = recipe(train={"gradient_checkpointing": True, "report_to": ["tensorboard"], "save_steps": 7,
-                      "micro_batch_size": 2, "grad_accum": 8, "max_steps": 30})
+                      "micro_batch_size": 2, "grad_accum": 8, "max_steps": 30},
+               data={"train": [{"path": "tatsu-lab/alpaca"}], "packing": False})  # packed: see test_packing.py
     args = sft_config(r, choose_precision(r, CPU), CPU, tmp_path, True, 100)
     assert args.gradient_checkpointing is True
     assert args.report_to == ["tensorboard"]
