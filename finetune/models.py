@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from finetune import distributed
+from finetune.checkpoints import file_sha256
 from finetune.recipe import BUILTIN_PREFIX
 
 log = logging.getLogger("finetune")
@@ -73,14 +73,6 @@ def resolve_base(spec: str) -> BaseSource:
     return BaseSource(spec, spec)  # a hub id
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantise a GGUF checkpoint into an HF safetensors directory, cached by the file's sha256.
 
@@ -89,7 +81,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = cache_root() / "gguf" / _sha256(gguf)[:16]
+    out = cache_root() / "gguf" / file_sha256(gguf)[:16]
     if (out / ".complete").is_file():
         return out
     log.info("converting %s to an HF checkpoint in %s (once)", gguf.name, out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.checkpoints import file_sha256  # one hashing helper for the whole package
 from finetune.data.encode import Encoded, encode
 from finetune.data.formats import Example, check_turn_order, to_example
 from finetune.data.readers import DataError, RowError, read_records, source_files
@@ -243,14 +243,6 @@ def write_held_out(path: Path, held: list[Example]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for ex in held:
             f.write(json.dumps({"loc": ex.loc, "messages": ex.messages, "text": ex.text}, ensure_ascii=False) + "\n")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_hashes(recipe) -> dict[str, str]:
