@@ -11,7 +11,8 @@ so every arm trains on the same real tokens. Arms run alternately in one process
 Every arm uses the same micro-batch and gradient accumulation (our recipe defaults) and the same precision
 (fp32 on CPU: TRL's bf16=True default breaks NF4 training on a CPU, see NOTES.md). Tokens are counted where
 the Trainer sees them (training_step's inputs): real = non-pad, fed = the tensor's size. Time is the Trainer's
-own train_runtime (model loading excluded).
+own train_runtime (wall) and the process CPU time over the training steps (model loading excluded); on a CPU
+the ratios use CPU time, which other processes on a shared machine do not distort.
 
     python bench/throughput.py                       # SmolLM2-135M (built in), 160 rows, 3 repeats
     python bench/throughput.py --rows 64 --repeats 1 # a quicker look
@@ -34,10 +35,13 @@ CHATML = _common.REPO / "data_templates" / "chatml.jinja"
 
 
 class TokenCounter:
-    """Counts the tokens of every training_step, whichever trainer runs it."""
+    """Counts the tokens of every training_step, whichever trainer runs it, and the process CPU time from the
+    start of the first step to the end of the last (model loading and saving excluded). On a shared machine
+    CPU time is far steadier than wall time: other people's processes slow the clock, not the work."""
 
     def __init__(self):
         self.real = self.fed = self.steps = 0
+        self.cpu_first = self.cpu_last = None
 
     def install(self):
         from transformers import Trainer
@@ -51,13 +55,19 @@ class TokenCounter:
             counter.fed += ids.numel()
             counter.real += int(mask.sum()) if mask is not None else ids.numel()  # padding-free: no pads at all
             counter.steps += 1
-            return original(self, model, inputs, *a, **kw)
+            if counter.cpu_first is None:
+                counter.cpu_first = time.process_time()
+            out = original(self, model, inputs, *a, **kw)
+            counter.cpu_last = time.process_time()
+            return out
 
         Trainer.training_step = training_step
 
     def take(self) -> dict:
-        out = {"real_tokens": self.real, "fed_tokens": self.fed, "micro_steps": self.steps}
+        out = {"real_tokens": self.real, "fed_tokens": self.fed, "micro_steps": self.steps,
+               "cpu_seconds": round(self.cpu_last - self.cpu_first, 2) if self.cpu_first is not None else None}
         self.real = self.fed = self.steps = 0
+        self.cpu_first = self.cpu_last = None
         return out
 
 
@@ -126,9 +136,14 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--arms", default="ours_packed,ours_padded,ours_grouped,trl")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
+                    "threads spinning while they wait for each other on a busy machine)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     from finetune.models import resolve_base
 
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
@@ -148,20 +163,27 @@ def main():
             runs.append({"repeat": rep, "arm": arm, "seconds": round(seconds, 2), **c,
                          "non_pad_fraction": round(c["real_tokens"] / max(1, c["fed_tokens"]), 4),
                          "real_tokens_per_s": round(c["real_tokens"] / seconds, 1),
+                         "real_tokens_per_cpu_s": round(c["real_tokens"] / c["cpu_seconds"], 2),
                          "wall_incl_load_s": round(time.time() - t0, 1)})
-            print(f"[{rep}] {arm}: {runs[-1]['real_tokens_per_s']} real tok/s", flush=True)
+            print(f"[{rep}] {arm}: {runs[-1]['real_tokens_per_s']} real tok/s (wall), "
+                  f"{runs[-1]['real_tokens_per_cpu_s']} per CPU-second", flush=True)
+    import torch
+
+    # The ratio is taken on CPU time on a CPU (steady on a shared machine) and on wall time on a GPU.
+    metric = "real_tokens_per_s" if torch.cuda.is_available() else "real_tokens_per_cpu_s"
     summary = []
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
-        summary.append({"arm": arm, "real tok/s (median)": _common.median([r["real_tokens_per_s"] for r in mine]),
+        summary.append({"arm": arm, "real tok/s wall (median)": _common.median([r["real_tokens_per_s"] for r in mine]),
+                        "real tok per CPU-s (median)": _common.median([r["real_tokens_per_cpu_s"] for r in mine]),
                         "non-pad fraction": mine[0]["non_pad_fraction"], "real tokens": mine[0]["real_tokens"],
                         "repeats": len(mine)})
-    ratios = {}
+    ratios = {"metric": metric}
     if "trl" in arms:
         for arm in arms:
             if arm == "trl":
                 continue
-            per_rep = [a["real_tokens_per_s"] / b["real_tokens_per_s"] for rep in range(args.repeats)
+            per_rep = [a[metric] / b[metric] for rep in range(args.repeats)
                        for a in runs if a["arm"] == arm and a["repeat"] == rep
                        for b in runs if b["arm"] == "trl" and b["repeat"] == rep]
             ratios[f"{arm}/trl"] = {"median": round(_common.median(per_rep), 3), "per_repeat": [round(x, 3) for x in per_rep]}
@@ -169,8 +191,8 @@ def main():
                 if row["arm"] == arm:
                     row["speed-up vs trl (a/b)"] = ratios[f"{arm}/trl"]["median"]
                     row["b/a"] = round(1 / ratios[f"{arm}/trl"]["median"], 3)
-    print(_common.table(summary, ["arm", "real tok/s (median)", "speed-up vs trl (a/b)", "b/a", "non-pad fraction",
-                                  "real tokens", "repeats"]))
+    print(_common.table(summary, ["arm", "real tok per CPU-s (median)", "real tok/s wall (median)",
+                                  "speed-up vs trl (a/b)", "b/a", "non-pad fraction", "real tokens", "repeats"]))
     path = _common.save("throughput", {"args": vars(args), "runs": runs, "summary": summary, "ratios": ratios},
                         args.out)
     print(f"results: {path}")

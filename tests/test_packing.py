@@ -3,6 +3,7 @@ logits and supervised labels it gets alone. Checked on the tiny 4-bit model with
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from finetune.data import prepare
@@ -10,6 +11,16 @@ from finetune.hardware import choose_precision, detect_hardware
 from finetune.models import attach_lora, load_base, load_tokenizer, resolve_base
 from finetune.recipe import load_recipe
 from finetune.templates import load_template
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: with two threads, most of the time goes to waiting for the other
+    thread to be scheduled."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 ROWS = [{"instruction": "what is " + " ".join(["red"] * (1 + i % 7)), "input": "", "output": " ".join(["blue"] * (1 + 3 * i % 11))}
         for i in range(12)]

@@ -11,11 +11,21 @@ import torch
 from typer.testing import CliRunner
 
 from finetune import plan as P
-from finetune.memory import model_bytes, optimizer_bytes, step_peak_bytes
 from finetune.cli import app
 from finetune.hardware import choose_precision, detect_hardware
+from finetune.memory import model_bytes, optimizer_bytes, step_peak_bytes
 from finetune.models import attach_lora, load_base, resolve_base
 from finetune.recipe import load_recipe
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: with two threads, most of the time goes to waiting for the other
+    thread to be scheduled."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 PAPER = P.Setup(seq_len=512, batch=1, lora_r=64, target_modules="all-linear", optimizer="paged_adamw_8bit",
                 gradient_checkpointing=True, compute="bf16")
