@@ -165,6 +165,11 @@ def test_merge_complete_follows_the_adapter(merged, tmp_path):
     cfg = copy / "adapter" / "adapter_config.json"
     cfg.write_text(cfg.read_text() + "\n")  # a different adapter from the one merged
     assert not merge_complete(copy)
+    # eval refuses to score a merge of another adapter as "the fine-tuned model", before loading anything.
+    from finetune.evaluate import EvalError, evaluate_run
+
+    with pytest.raises(EvalError, match="no merged model of the current adapter"):
+        evaluate_run(copy, model="merged", echo=lambda m: None)
 
 
 def test_merge_user_errors_are_one_line(tmp_path, merged):

@@ -61,8 +61,10 @@ def run_template(recipe: Recipe, tok):
 
 
 def merged_ready(run: Path) -> bool:
-    m = Path(run) / "merged"
-    return (m / "config.json").is_file() and any(m.glob("*.safetensors"))
+    """merged/ is complete and was merged from the adapter now in adapter/ (an older merge is another model)."""
+    from finetune.merge import merge_complete
+
+    return merge_complete(Path(run))
 
 
 def load_tuned(ctx: RunContext, dense_on_cpu: bool = True):
@@ -116,8 +118,8 @@ def load_merged(ctx: RunContext):
     from finetune.models import local_device
 
     if not merged_ready(ctx.run):
-        raise EvalError(f"{ctx.run / 'merged'}: no merged model; run `finetune merge {ctx.run}` first "
-                        "(or evaluate with --model adapter)")
+        raise EvalError(f"{ctx.run / 'merged'}: no merged model of the current adapter; run `finetune merge "
+                        f"{ctx.run}` first (or evaluate with --model adapter)")
     model = AutoModelForCausalLM.from_pretrained(
         ctx.run / "merged", dtype=ctx.precision.compute_dtype, device_map={"": local_device(ctx.hw)},
         trust_remote_code=ctx.recipe.model.trust_remote_code)

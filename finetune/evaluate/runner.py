@@ -112,7 +112,8 @@ def evaluate_run(run: Path | str, recipe=None, limit: int | None = None, model: 
         raise EvalError(f"--model: choose adapter, merged or both (got {which!r})")
     limit = limit if limit is not None else recipe.eval.limit
     if which in ("merged", "both") and not merged_ready(run):
-        raise EvalError(f"{run / 'merged'}: no merged model; run `finetune merge {run}` first, or use --model adapter")
+        raise EvalError(f"{run / 'merged'}: no merged model of the current adapter; run `finetune merge {run}` "
+                        "first, or use --model adapter")
     tasks = default_tasks(recipe, run)
     items = {t.name: load_items(t, run, recipe.data.system_prompt, limit) for t in tasks if t.kind != "lm_eval"}
     for t in tasks:
