@@ -123,6 +123,9 @@ def run_ours(work: Path, model_dir: Path, data: Path, args) -> tuple[float, obje
     shutil.rmtree(recipe.output_dir, ignore_errors=True)
     run = train(recipe, path)
     logs = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    # The plan is compared under the decision train made (gradient_checkpointing: auto, against this GPU).
+    ckpt = json.loads((run / "manifest.json").read_text())["precision"]["gradient_checkpointing"]
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": ckpt})})
     return float(next(x["train_runtime"] for x in reversed(logs) if "train_runtime" in x)), recipe
 
 
@@ -213,7 +216,8 @@ def main():
             if arm == "ours":
                 plan = P.plan_recipe(recipe, None, device="cuda" if device == "cuda" else "cpu")
                 row["plan_peak_allocated_gib"] = round(plan.peak_allocated / 2**30, 3)
-                row["plan_setup"] = {"batch": plan.setup.batch, "seq_len": plan.setup.seq_len}
+                row["plan_setup"] = {"batch": plan.setup.batch, "seq_len": plan.setup.seq_len,
+                                     "gradient_checkpointing": plan.setup.gradient_checkpointing}
                 if row["peak_allocated_gib"]:
                     row["plan_vs_measured"] = round(plan.peak_allocated / peaks.peak(), 3)
             results.append(row)

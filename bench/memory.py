@@ -37,6 +37,7 @@ def load_bytes(model_dir: Path, mode: str) -> dict:
                                                        bnb_4bit_use_double_quant=mode == "nf4_dq",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+    model.requires_grad_(False)  # a plain bf16 load leaves every parameter trainable; model_bytes counts those as LoRA
     b = model_bytes(model)
     del model
     return b
@@ -195,6 +196,10 @@ def main():
     ap.add_argument("--skip-weights", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # bytes do not depend on it; on a busy 2-core machine one thread is much faster
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the RSS child process too
     work = Path(os.environ.get("BENCH_WORK") or tempfile.mkdtemp(prefix="bench-memory-"))
     payload = {"args": vars(args)}
     if not args.skip_weights:

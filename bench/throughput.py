@@ -3,10 +3,13 @@
 Same model, same rows (bench/lengthmix.py: most examples short, a long tail), same chat template, one epoch each,
 so every arm trains on the same real tokens. Arms run alternately in one process, with repeats:
 
-    ours_packed   `finetune train` with data.packing: true (TRL's BFD packing, padding-free, position_ids)
-    ours_padded   `finetune train` with data.packing: false
-    ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true
-    trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing
+    ours_packed   `finetune train` with our defaults: data.packing: true (TRL's BFD packing, padding-free,
+                  position_ids) and train.gradient_checkpointing: auto (off when the plan fits without it)
+    ours_padded   `finetune train` with data.packing: false (other defaults as above)
+    ours_same     `finetune train` with TRL's settings: packing off, gradient checkpointing on. The same work as
+                  the trl arm, so its ratio is our overhead (or lack of it)
+    ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true (not run by default)
+    trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing, gradient checkpointing
 
 Every arm uses the same micro-batch and gradient accumulation (our recipe defaults) and the same precision
 (fp32 on CPU: TRL's bf16=True default breaks NF4 training on a CPU, see NOTES.md). Tokens are counted where
@@ -14,8 +17,8 @@ the Trainer sees them (training_step's inputs): real = non-pad, fed = the tensor
 own train_runtime (wall) and the process CPU time over the training steps (model loading excluded); on a CPU
 the ratios use CPU time, which other processes on a shared machine do not distort.
 
-    python bench/throughput.py                       # SmolLM2-135M (built in), 160 rows, 3 repeats
-    python bench/throughput.py --rows 64 --repeats 1 # a quicker look
+    python bench/throughput.py                       # SmolLM2-135M (built in), 64 rows, 3 repeats
+    python bench/throughput.py --rows 32 --repeats 1 # a quicker look
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def write_recipe(work: Path, model: str, data: Path, args, name: str) -> Path:
                  "max_length": args.max_length, "packing": name == "ours_packed",
                  "group_by_length": name == "ours_grouped"},
         "train": {"epochs": 1, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
-                  "report_to": ["none"], "save_steps": 100000, "seed": 0},
+                  "report_to": ["none"], "save_steps": 100000, "seed": 0,
+                  **({"gradient_checkpointing": True} if name == "ours_same" else {})},
         "output_dir": str(work / name),
     }
     path = work / f"{name}.yaml"
@@ -130,12 +134,12 @@ def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1) -
 def main():
     ap = argparse.ArgumentParser(description="finetune train vs a plain TRL script: real tokens per second")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--rows", type=int, default=160)
+    ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
-    ap.add_argument("--arms", default="ours_packed,ours_padded,ours_grouped,trl")
+    ap.add_argument("--arms", default="ours_packed,ours_padded,ours_same,trl")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
                     "threads spinning while they wait for each other on a busy machine)")
     ap.add_argument("--out", type=Path, default=None)

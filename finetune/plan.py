@@ -258,6 +258,7 @@ class Setup:
     compute: str = "bf16"
     """bf16 | fp16 | fp32: the compute dtype that will really be used (fp32 on CPU)."""
     lora_r: int = 16
+    lora_dropout: float = 0.0
     target_modules: object = "all-linear"
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
@@ -286,6 +287,8 @@ class Plan:
     parts: list[Part]
     gpu_memory: int | None
     advice: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Decisions the plan made for the recipe (e.g. gradient checkpointing: auto)."""
 
     def part(self, key: str) -> int:
         return sum(p.bytes for p in self.parts if p.key == key)
@@ -310,7 +313,7 @@ class Plan:
         return {"shape": asdict(self.shape), "shape_source": self.shape_source, "setup": asdict(self.setup),
                 "parts": [asdict(p) for p in self.parts], "peak_allocated_bytes": self.peak_allocated,
                 "paged_bytes": self.paged, "total_bytes": self.total, "gpu_memory_bytes": self.gpu_memory, "fits": self.fits,
-                "advice": self.advice}
+                "advice": self.advice, "notes": self.notes}
 
 
 def weight_parts(shape: Shape, setup: Setup) -> dict[str, int]:
@@ -343,13 +346,29 @@ def adapter_dtype_bytes(setup: Setup) -> int:
     return 2 if setup.sharding.startswith(("fsdp", "zero3")) and setup.compute != "fp32" else 4
 
 
+def lora_dropout_bytes(shape: Shape, setup: Setup) -> int:
+    """Per token and layer, what LoRA dropout adds: peft gives every adapted linear its own Dropout, whose fp32
+    output (lora_A's saved input, no longer shared with the base layer's) and bool mask live until backward.
+    Under bf16 autocast lora_A saves its own bf16 copy either way, so the hidden-sized inputs add 3 bytes and
+    the MLP's fp32 intermediate 4. Measured with the profiler on this CPU (bench/RESULTS.md): 0 without dropout,
+    30% of SmolLM2's activations with the quickstart's 0.05 and no checkpointing."""
+    if setup.lora_dropout <= 0:
+        return 0
+    targets = lora_targets(shape, setup.target_modules)
+    if setup.compute == "fp32":
+        return sum(5 * a for _, a, _ in targets)
+    return sum((4 if name == "down_proj" else 3) * a for name, a, _ in targets)
+
+
 def activation_bytes(shape: Shape, setup: Setup) -> int:
     coeff = ACT_COEFFS["fp32" if setup.compute == "fp32" else "bf16"]
     r_sum = setup.lora_r * len(lora_targets(shape, setup.target_modules))
-    layer = coeff["layer"](shape, r_sum)
+    drop = lora_dropout_bytes(shape, setup)
+    layer = coeff["layer"](shape, r_sum) + drop
     res = weight_parts(shape, setup)["kept_dtype_bytes"]  # the residual stream has the embeddings' dtype
     stored = shape.layers * (coeff["ckpt"](shape, res) if setup.gradient_checkpointing else layer)
-    phase = coeff["layer_phase"](shape) + (layer if setup.gradient_checkpointing else 0)
+    # While a recomputed layer runs backward, the dropout inputs' gradients are live too (measured: +30%).
+    phase = coeff["layer_phase"](shape) + (layer + drop * 3 // 10 if setup.gradient_checkpointing else 0)
     tokens = setup.seq_len * setup.batch
     # The bf16 copy autocast makes of an fp32 lm_head only exists when prepare_model_for_kbit_training upcast it.
     const = coeff["loss_const"](shape) if res == 4 else 0
@@ -488,15 +507,72 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
         batch = 1 if recipe.data.packing and not flash else t.micro_batch_size
     return Setup(seq_len=seq_len or recipe.data.max_length, batch=batch,
                  load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, compute=compute, lora_r=recipe.lora.r,
+                 lora_dropout=recipe.lora.dropout,
                  target_modules=recipe.lora.target_modules if isinstance(recipe.lora.target_modules, str)
                  else tuple(recipe.lora.target_modules),
-                 optimizer=optimizer, gradient_checkpointing=t.gradient_checkpointing,
+                 optimizer=optimizer, gradient_checkpointing=t.gradient_checkpointing is not False,
                  num_processes=num_processes, sharding=sharding, device=device)
 
 
+AUTO_CKPT_FRACTION = {"cuda": 0.8, "cpu": 0.5}
+"""gradient_checkpointing: auto turns it off only when the plan without it needs at most this fraction of the
+memory: the planner is validated to 2% on CPU but not yet on a GPU, and on a CPU other processes share the RAM."""
+
+
 def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:
+    """The plan of a recipe; train.gradient_checkpointing: auto is resolved as train() resolves it."""
     shape, source = resolve_shape(recipe.model.base, kw.pop("shape", None))
-    return estimate(shape, setup_from_recipe(recipe, **kw), gpu_memory, source)
+    setup = setup_from_recipe(recipe, **kw)
+    if recipe.train.gradient_checkpointing == "auto":
+        ckpt, why = auto_checkpointing(shape, setup, gpu_memory)
+        setup = replace(setup, gradient_checkpointing=ckpt)
+        plan = estimate(shape, setup, gpu_memory, source)
+        plan.notes.append(f"gradient checkpointing auto: {why}")
+        return plan
+    return estimate(shape, setup, gpu_memory, source)
+
+
+def auto_checkpointing(shape: Shape, setup: Setup, memory: int | None) -> tuple[bool, str]:
+    """(use gradient checkpointing, why): off when the run fits without it with room to spare, since
+    recomputing every layer's forward in the backward pass costs about a third of a step's compute."""
+    if memory is None:
+        return True, "on (no memory size known)"
+    without = estimate(shape, replace(setup, gradient_checkpointing=False), None).total
+    limit = int(AUTO_CKPT_FRACTION.get(setup.device, 0.8) * memory)
+    where = "GPU memory" if setup.device == "cuda" else "available RAM"
+    if without <= limit:
+        return False, f"off (the run needs {_fmt(without)} without it, within {_fmt(limit)}, " \
+                      f"{AUTO_CKPT_FRACTION.get(setup.device, 0.8):.0%} of {_fmt(memory)} {where})"
+    return True, f"on (without it the run would need {_fmt(without)}, more than {_fmt(limit)} of {_fmt(memory)} {where})"
+
+
+def checkpointing_for_run(recipe, hw) -> tuple[bool, str]:
+    """train.gradient_checkpointing resolved for this process: the recipe's value, or the auto decision against
+    the real device's memory (per process, with the launch's sharding). Unknown shapes keep it on."""
+    value = recipe.train.gradient_checkpointing
+    if value != "auto":
+        return bool(value), f"{'on' if value else 'off'} (train.gradient_checkpointing: {str(value).lower()})"
+    import os
+
+    from finetune import distributed
+
+    device = "cuda" if hw.cuda else "cpu"
+    if hw.cuda:
+        import torch
+
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        import psutil
+
+        memory = psutil.virtual_memory().available
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sharding = ("fsdp" if distributed.sharded() else "ddp") if world > 1 else "none"
+    try:
+        shape, _ = resolve_shape(recipe.model.base)
+        setup = setup_from_recipe(recipe, num_processes=world, sharding=sharding, device=device)
+    except PlanError as e:
+        return True, f"on (auto: the model's shape is unknown to the planner: {e})"
+    return auto_checkpointing(shape, setup, memory)
 
 
 def read_accelerate_config(path: str | Path) -> tuple[int, str]:
@@ -554,6 +630,7 @@ def render(plan: Plan) -> str:
         lines.append(f"  {p.label.ljust(width)}  {_fmt(p.bytes):>11}  {p.note}")
     lines.append(f"  {'peak allocated (cf. torch.cuda.max_memory_allocated)'.ljust(width)}  {_fmt(plan.peak_allocated):>11}")
     lines.append(f"  {'total needed'.ljust(width)}  {_fmt(plan.total):>11}")
+    lines.extend(plan.notes)
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"{verdict} in {_fmt(plan.gpu_memory)} ({100 * plan.total / plan.gpu_memory:.0f}% used)")

@@ -67,6 +67,8 @@ def write_report(run: Path) -> Path:
                   f"- base model: `{manifest.get('base', {}).get('spec')}`",
                   f"- device: {manifest.get('device')}; compute dtype: {manifest.get('precision', {}).get('compute_dtype')}; "
                   f"optimizer: {manifest.get('precision', {}).get('optimizer')}",
+                  *([f"- gradient checkpointing {manifest['precision']['gradient_checkpointing_why']}"]
+                    if "gradient_checkpointing_why" in manifest.get("precision", {}) else []),
                   f"- template: `{manifest.get('template')}`",
                   f"- finetune {manifest.get('versions', {}).get('finetune')}, transformers {manifest.get('versions', {}).get('transformers')}, "
                   f"peft {manifest.get('versions', {}).get('peft')}, trl {manifest.get('versions', {}).get('trl')}", ""]

@@ -58,9 +58,14 @@ def _event(run: Path, kind: str, **details) -> None:
         log.warning("could not record %s in the manifest: %s", kind, e)
 
 
-def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train: int):
-    """Map the recipe onto SFTConfig. Every precision flag is set explicitly (SFTConfig defaults to bf16=True)."""
+def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train: int,
+               gradient_checkpointing: bool | None = None):
+    """Map the recipe onto SFTConfig. Every precision flag is set explicitly (SFTConfig defaults to bf16=True).
+    gradient_checkpointing: the resolved decision (plan.checkpointing_for_run); None resolves `auto` to on."""
     from trl import SFTConfig
+
+    if gradient_checkpointing is None:
+        gradient_checkpointing = recipe.train.gradient_checkpointing is not False
 
     t, d = recipe.train, recipe.data
     micro, accum = t.micro_batch_size, t.grad_accum
@@ -92,7 +97,7 @@ def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=not hw.cuda,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -217,6 +222,10 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
     precision = choose_precision(recipe, hw)
     for w in precision.warnings:
         log.warning(w)
+    from finetune.plan import checkpointing_for_run
+
+    checkpointing, checkpointing_why = checkpointing_for_run(recipe, hw)
+    log.info("gradient checkpointing %s", checkpointing_why)
     problems = distributed.sharding_problems(recipe)
     if problems:
         from finetune.recipe import RecipeError
@@ -240,7 +249,8 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
             template=template.name,
             device=hw.name,
             precision={"compute_dtype": precision.dtype_name, "bf16": precision.bf16, "fp16": precision.fp16,
-                       "optimizer": precision.optimizer, "attn_implementation": precision.attn_implementation},
+                       "optimizer": precision.optimizer, "attn_implementation": precision.attn_implementation,
+                       "gradient_checkpointing": checkpointing, "gradient_checkpointing_why": checkpointing_why},
             warnings=list(precision.warnings),
             versions=rundir.versions(),
             git_commit=rundir.git_commit(),
@@ -266,7 +276,7 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
     from transformers import set_seed
 
     set_seed(recipe.train.seed)
-    model = attach_lora(model, recipe, recipe.train.gradient_checkpointing)
+    model = attach_lora(model, recipe, checkpointing)
     model.peft_config["default"].base_model_name_or_path = source.hf_path
 
     # --- train
@@ -278,7 +288,7 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
     if prepared.held_out:
         held_enc, _ = data_mod.encode_all(prepared.held_out, tok, template, recipe.data.model_copy(update={"too_long": "truncate"}))
         held_ds = data_mod.to_dataset(held_enc)
-    args = sft_config(recipe, precision, hw, run, held_ds is not None, len(prepared.train))
+    args = sft_config(recipe, precision, hw, run, held_ds is not None, len(prepared.train), checkpointing)
     trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=prepared.train,
                                 eval_dataset=held_ds, processing_class=tok,
                                 callbacks=[JsonlLogCallback(run / "train_log.jsonl")],

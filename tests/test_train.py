@@ -44,7 +44,10 @@ def test_run_directory_contents(trained):
     assert manifest["versions"]["transformers"] and manifest["device"] == "cpu"
     assert len(manifest["recipe_sha256"]) == 64 and all(len(h) == 64 for h in manifest["data_sha256"].values())
     assert manifest["precision"] == {"compute_dtype": "float32", "bf16": False, "fp16": False,
-                                     "optimizer": "adamw_torch", "attn_implementation": "sdpa"}
+                                     "optimizer": "adamw_torch", "attn_implementation": "sdpa",
+                                     "gradient_checkpointing": False,
+                                     "gradient_checkpointing_why": "off (train.gradient_checkpointing: false)"}
+    assert "- gradient checkpointing off (train.gradient_checkpointing: false)" in (run / "report.md").read_text()
     # the run's template travels with the adapter
     template = (Path(__file__).parent.parent / "data_templates" / "chatml.jinja").read_text()
     assert (run / "adapter" / "chat_template.jinja").read_text() == template
