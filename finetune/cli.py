@@ -215,23 +215,33 @@ def _reply(model, ctx, messages, max_new_tokens: int, temperature: float):
 
 
 _MODEL_HELP = "adapter (on its 4-bit base), merged, or base (the 4-bit base alone)."
+# generate and chat take the same options.
+_MODEL_OPT = typer.Option("adapter", "--model", help=_MODEL_HELP)
+_SYSTEM_OPT = typer.Option(None, "--system", help="System message (default: the recipe's data.system_prompt).")
+_MAX_NEW_OPT = typer.Option(256, "--max-new-tokens", min=1)
+_TEMPERATURE_OPT = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy.")
+
+
+def _open_for_chat(run_dir: Path, model: str, system: Optional[str]):
+    """(run context, model, opening messages): the system message defaults to the recipe's, as in training."""
+    from finetune.evaluate.loading import load_for_inference
+
+    ctx, m = load_for_inference(run_dir, model)
+    system = system if system is not None else ctx.recipe.data.system_prompt
+    return ctx, m, [{"role": "system", "content": system}] if system else []
 
 
 @app.command()
 @user_errors
 def generate(run_dir: Path = typer.Argument(..., help="Run directory."),
              prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
-             model: str = typer.Option("adapter", "--model", help=_MODEL_HELP),
-             system: Optional[str] = typer.Option(None, "--system", help="System message (default: the recipe's "
-                                                  "data.system_prompt)."),
-             max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-             temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy.")):
+             model: str = _MODEL_OPT, system: Optional[str] = _SYSTEM_OPT,
+             max_new_tokens: int = _MAX_NEW_OPT, temperature: float = _TEMPERATURE_OPT):
     """Answer one prompt with the run's template and stop tokens, streaming tokens as they come."""
-    from finetune.evaluate.loading import as_model, load_for_inference
+    from finetune.evaluate.loading import as_model
 
-    ctx, m = load_for_inference(run_dir, model)
-    system = system if system is not None else ctx.recipe.data.system_prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ctx, m, start = _open_for_chat(run_dir, model, system)
+    messages = start + [{"role": "user", "content": prompt}]
     with as_model(m, model):
         _reply(m, ctx, messages, max_new_tokens, temperature)
 
@@ -239,17 +249,12 @@ def generate(run_dir: Path = typer.Argument(..., help="Run directory."),
 @app.command()
 @user_errors
 def chat(run_dir: Path = typer.Argument(..., help="Run directory."),
-         model: str = typer.Option("adapter", "--model", help=_MODEL_HELP),
-         system: Optional[str] = typer.Option(None, "--system", help="System message (default: the recipe's "
-                                              "data.system_prompt)."),
-         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy.")):
+         model: str = _MODEL_OPT, system: Optional[str] = _SYSTEM_OPT,
+         max_new_tokens: int = _MAX_NEW_OPT, temperature: float = _TEMPERATURE_OPT):
     """Chat with the fine-tuned model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
-    from finetune.evaluate.loading import as_model, load_for_inference
+    from finetune.evaluate.loading import as_model
 
-    ctx, m = load_for_inference(run_dir, model)
-    system = system if system is not None else ctx.recipe.data.system_prompt
-    start = [{"role": "system", "content": system}] if system else []
+    ctx, m, start = _open_for_chat(run_dir, model, system)
     history = list(start)
     typer.echo(f"chatting with {run_dir} ({model}); /reset clears the history, /exit quits", err=True)
     while True:

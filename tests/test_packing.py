@@ -16,10 +16,10 @@ from finetune.templates import load_template
 def _one_thread():
     """Tiny models on a shared 2-core machine: with two threads, most of the time goes to waiting for the other
     thread to be scheduled."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    from merged_run import one_thread
+
+    with one_thread():
+        yield
 
 
 ROWS = [{"instruction": "what is " + " ".join(["red"] * (1 + i % 7)), "input": "", "output": " ".join(["blue"] * (1 + 3 * i % 11))}

@@ -21,10 +21,10 @@ from finetune.recipe import load_recipe
 def _one_thread():
     """Tiny models on a shared 2-core machine: with two threads, most of the time goes to waiting for the other
     thread to be scheduled."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    from merged_run import one_thread
+
+    with one_thread():
+        yield
 
 
 PAPER = P.Setup(seq_len=512, batch=1, lora_r=64, target_modules="all-linear", optimizer="paged_adamw_8bit",
