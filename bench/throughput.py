@@ -4,11 +4,12 @@ Same model, same rows (bench/lengthmix.py: most examples short, a long tail), sa
 so every arm trains on the same real tokens. Arms run alternately in one process, with repeats:
 
     ours_packed   `finetune train` with our defaults: data.packing: true (TRL's BFD packing, padding-free,
-                  position_ids) and train.gradient_checkpointing: auto (off when the plan fits without it)
+                  position_ids), train.gradient_checkpointing: auto (on a CPU: on; on a GPU: off when it fits)
     ours_padded   `finetune train` with data.packing: false (other defaults as above)
-    ours_same     `finetune train` with TRL's settings: packing off, gradient checkpointing on. The same work as
-                  the trl arm, so its ratio is our overhead (or lack of it)
-    ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true (not run by default)
+    ours_same     `finetune train` with TRL's settings spelled out: packing off, gradient checkpointing on. The
+                  same work as the trl arm, so its ratio is our overhead (or lack of it)
+    ours_nockpt   ours_packed with gradient checkpointing off
+    ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true
     trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing, gradient checkpointing
 
 Every arm uses the same micro-batch and gradient accumulation (our recipe defaults) and the same precision
@@ -78,11 +79,11 @@ def write_recipe(work: Path, model: str, data: Path, args, name: str) -> Path:
     recipe = {
         "model": {"base": model},
         "data": {"train": [{"path": str(data), "format": "alpaca"}], "template": "chatml",
-                 "max_length": args.max_length, "packing": name == "ours_packed",
+                 "max_length": args.max_length, "packing": name in ("ours_packed", "ours_nockpt"),
                  "group_by_length": name == "ours_grouped"},
         "train": {"epochs": 1, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
                   "report_to": ["none"], "save_steps": 100000, "seed": 0,
-                  **({"gradient_checkpointing": True} if name == "ours_same" else {})},
+                  **({"gradient_checkpointing": name == "ours_same"} if name in ("ours_same", "ours_nockpt") else {})},
         "output_dir": str(work / name),
     }
     path = work / f"{name}.yaml"
@@ -139,7 +140,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
-    ap.add_argument("--arms", default="ours_packed,ours_padded,ours_same,trl")
+    ap.add_argument("--arms", default="ours_packed,ours_padded,trl",
+                    help="any of ours_packed, ours_padded, ours_same, ours_nockpt, ours_grouped, trl")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
                     "threads spinning while they wait for each other on a busy machine)")
     ap.add_argument("--out", type=Path, default=None)

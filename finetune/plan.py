@@ -514,9 +514,10 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
                  num_processes=num_processes, sharding=sharding, device=device)
 
 
-AUTO_CKPT_FRACTION = {"cuda": 0.8, "cpu": 0.5}
+AUTO_CKPT_FRACTION = 0.8
 """gradient_checkpointing: auto turns it off only when the plan without it needs at most this fraction of the
-memory: the planner is validated to 2% on CPU but not yet on a GPU, and on a CPU other processes share the RAM."""
+GPU's memory: the planner is validated to 4% on the CPU but not yet on a GPU."""
+CPU_AUTO = "on (auto: on a CPU, recomputing was measured no slower than keeping every activation)"
 
 
 def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:
@@ -524,7 +525,7 @@ def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:
     shape, source = resolve_shape(recipe.model.base, kw.pop("shape", None))
     setup = setup_from_recipe(recipe, **kw)
     if recipe.train.gradient_checkpointing == "auto":
-        ckpt, why = auto_checkpointing(shape, setup, gpu_memory)
+        ckpt, why = auto_checkpointing(shape, setup, gpu_memory) if setup.device == "cuda" else (True, CPU_AUTO)
         setup = replace(setup, gradient_checkpointing=ckpt)
         plan = estimate(shape, setup, gpu_memory, source)
         plan.notes.append(f"gradient checkpointing auto: {why}")
@@ -538,41 +539,40 @@ def auto_checkpointing(shape: Shape, setup: Setup, memory: int | None) -> tuple[
     if memory is None:
         return True, "on (no memory size known)"
     without = estimate(shape, replace(setup, gradient_checkpointing=False), None).total
-    limit = int(AUTO_CKPT_FRACTION.get(setup.device, 0.8) * memory)
-    where = "GPU memory" if setup.device == "cuda" else "available RAM"
+    limit = int(AUTO_CKPT_FRACTION * memory)
+    where = "GPU memory" if setup.device == "cuda" else "memory"
     if without <= limit:
         return False, f"off (the run needs {_fmt(without)} without it, within {_fmt(limit)}, " \
-                      f"{AUTO_CKPT_FRACTION.get(setup.device, 0.8):.0%} of {_fmt(memory)} {where})"
+                      f"{AUTO_CKPT_FRACTION:.0%} of {_fmt(memory)} {where})"
     return True, f"on (without it the run would need {_fmt(without)}, more than {_fmt(limit)} of {_fmt(memory)} {where})"
 
 
-def checkpointing_for_run(recipe, hw) -> tuple[bool, str]:
+def checkpointing_for_run(recipe, hw, gpu_memory: int | None = None) -> tuple[bool, str]:
     """train.gradient_checkpointing resolved for this process: the recipe's value, or the auto decision against
-    the real device's memory (per process, with the launch's sharding). Unknown shapes keep it on."""
+    the GPU's memory (per process, with the launch's sharding). Unknown shapes keep it on. On a CPU auto keeps
+    it on: there, keeping every activation was measured 2-5% *slower* than recomputing them (bench/RESULTS.md:
+    the memory traffic costs more than the recomputed matmuls), and it takes 4x the memory."""
     value = recipe.train.gradient_checkpointing
     if value != "auto":
         return bool(value), f"{'on' if value else 'off'} (train.gradient_checkpointing: {str(value).lower()})"
+    if not hw.cuda:
+        return True, CPU_AUTO
     import os
 
     from finetune import distributed
 
-    device = "cuda" if hw.cuda else "cpu"
-    if hw.cuda:
+    if gpu_memory is None:
         import torch
 
-        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    else:
-        import psutil
-
-        memory = psutil.virtual_memory().available
+        gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sharding = ("fsdp" if distributed.sharded() else "ddp") if world > 1 else "none"
     try:
         shape, _ = resolve_shape(recipe.model.base)
-        setup = setup_from_recipe(recipe, num_processes=world, sharding=sharding, device=device)
+        setup = setup_from_recipe(recipe, num_processes=world, sharding=sharding, device="cuda")
     except PlanError as e:
         return True, f"on (auto: the model's shape is unknown to the planner: {e})"
-    return auto_checkpointing(shape, setup, memory)
+    return auto_checkpointing(shape, setup, gpu_memory)
 
 
 def read_accelerate_config(path: str | Path) -> tuple[int, str]:
