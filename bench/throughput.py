@@ -4,7 +4,7 @@ Same model, same rows (bench/lengthmix.py: most examples short, a long tail), sa
 so every arm trains on the same real tokens. Arms run alternately in one process, with repeats:
 
     ours_packed   `finetune train` with our defaults: data.packing: true (TRL's BFD packing, padding-free,
-                  position_ids), train.gradient_checkpointing: auto (on a CPU: on; on a GPU: off when it fits)
+                  position_ids), train.gradient_checkpointing: auto (off when the plan fits without it)
     ours_padded   `finetune train` with data.packing: false (other defaults as above)
     ours_same     `finetune train` with TRL's settings spelled out: packing off, gradient checkpointing on. The
                   same work as the trl arm, so its ratio is our overhead (or lack of it)

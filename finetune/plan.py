@@ -514,10 +514,11 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
                  num_processes=num_processes, sharding=sharding, device=device)
 
 
-AUTO_CKPT_FRACTION = 0.8
+AUTO_CKPT_FRACTION = {"cuda": 0.8, "cpu": 0.5}
 """gradient_checkpointing: auto turns it off only when the plan without it needs at most this fraction of the
-GPU's memory: the planner is validated to 4% on the CPU but not yet on a GPU."""
-CPU_AUTO = "on (auto: on a CPU, recomputing was measured no slower than keeping every activation)"
+memory: the planner is validated to 4% on the CPU but not yet on a GPU, and on a CPU other processes share the
+RAM. Measured on SmolLM2 on this CPU (bench/RESULTS.md): packed, 35% faster without checkpointing (a recomputed
+layer recomputes attention over a whole packed block); padded short rows, 3% slower (memory traffic)."""
 
 
 def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:
@@ -525,7 +526,7 @@ def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:
     shape, source = resolve_shape(recipe.model.base, kw.pop("shape", None))
     setup = setup_from_recipe(recipe, **kw)
     if recipe.train.gradient_checkpointing == "auto":
-        ckpt, why = auto_checkpointing(shape, setup, gpu_memory) if setup.device == "cuda" else (True, CPU_AUTO)
+        ckpt, why = auto_checkpointing(shape, setup, gpu_memory)
         setup = replace(setup, gradient_checkpointing=ckpt)
         plan = estimate(shape, setup, gpu_memory, source)
         plan.notes.append(f"gradient checkpointing auto: {why}")
@@ -539,40 +540,43 @@ def auto_checkpointing(shape: Shape, setup: Setup, memory: int | None) -> tuple[
     if memory is None:
         return True, "on (no memory size known)"
     without = estimate(shape, replace(setup, gradient_checkpointing=False), None).total
-    limit = int(AUTO_CKPT_FRACTION * memory)
-    where = "GPU memory" if setup.device == "cuda" else "memory"
+    fraction = AUTO_CKPT_FRACTION["cuda" if setup.device == "cuda" else "cpu"]
+    limit = int(fraction * memory)
+    where = "GPU memory" if setup.device == "cuda" else "available RAM"
     if without <= limit:
         return False, f"off (the run needs {_fmt(without)} without it, within {_fmt(limit)}, " \
-                      f"{AUTO_CKPT_FRACTION:.0%} of {_fmt(memory)} {where})"
+                      f"{fraction:.0%} of {_fmt(memory)} {where})"
     return True, f"on (without it the run would need {_fmt(without)}, more than {_fmt(limit)} of {_fmt(memory)} {where})"
 
 
-def checkpointing_for_run(recipe, hw, gpu_memory: int | None = None) -> tuple[bool, str]:
+def checkpointing_for_run(recipe, hw, memory: int | None = None) -> tuple[bool, str]:
     """train.gradient_checkpointing resolved for this process: the recipe's value, or the auto decision against
-    the GPU's memory (per process, with the launch's sharding). Unknown shapes keep it on. On a CPU auto keeps
-    it on: there, keeping every activation was measured 2-5% *slower* than recomputing them (bench/RESULTS.md:
-    the memory traffic costs more than the recomputed matmuls), and it takes 4x the memory."""
+    the memory this process has (the GPU's, per process with the launch's sharding; on a CPU half the available
+    RAM, which other processes share). Unknown shapes keep it on."""
     value = recipe.train.gradient_checkpointing
     if value != "auto":
         return bool(value), f"{'on' if value else 'off'} (train.gradient_checkpointing: {str(value).lower()})"
-    if not hw.cuda:
-        return True, CPU_AUTO
     import os
 
     from finetune import distributed
 
-    if gpu_memory is None:
-        import torch
+    if memory is None:
+        if hw.cuda:
+            import torch
 
-        gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        else:
+            import psutil
+
+            memory = psutil.virtual_memory().available
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sharding = ("fsdp" if distributed.sharded() else "ddp") if world > 1 else "none"
     try:
         shape, _ = resolve_shape(recipe.model.base)
-        setup = setup_from_recipe(recipe, num_processes=world, sharding=sharding, device="cuda")
+        setup = setup_from_recipe(recipe, num_processes=world, sharding=sharding, device="cuda" if hw.cuda else "cpu")
     except PlanError as e:
         return True, f"on (auto: the model's shape is unknown to the planner: {e})"
-    return auto_checkpointing(shape, setup, gpu_memory)
+    return auto_checkpointing(shape, setup, memory)
 
 
 def read_accelerate_config(path: str | Path) -> tuple[int, str]:

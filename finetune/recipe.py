@@ -197,8 +197,8 @@ class TrainSection(_Section):
     """auto: paged_adamw_8bit on CUDA (the QLoRA paper's), adamw_torch elsewhere."""
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in the backward pass: saves memory, costs about a third more compute. auto: off
-    on a GPU when `finetune plan` says the run fits without it in 80% of the GPU's memory, on otherwise and on
-    a CPU (measured no faster there without it). The decision and its numbers go to the log and manifest."""
+    when `finetune plan` says the run fits without it (in 80% of the GPU's memory, or half the available RAM on
+    a CPU), on otherwise. The decision and its numbers go to the log, the manifest and report.md."""
     logging_steps: int = Field(1, gt=0)
     """Log loss and learning rate every N optimizer steps."""
     save_steps: int = Field(100, gt=0)

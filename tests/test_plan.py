@@ -183,11 +183,12 @@ def test_gradient_checkpointing_auto_follows_the_plan(recipe_factory):
     assert P.plan_recipe(forced, 80 * P.GIB).notes == []
 
     cpu = Hardware(cuda=False, bf16=False, flash_attn=False, name="cpu")
-    assert P.checkpointing_for_run(auto, cpu) == (True, P.CPU_AUTO)  # measured: not slower on a CPU
-    assert P.plan_recipe(auto, None, device="cpu").setup.gradient_checkpointing is True
+    ckpt, why = P.checkpointing_for_run(auto, cpu)  # this machine's available RAM
+    assert ckpt is False and "available RAM" in why  # the tiny model needs a few MiB
     gpu = Hardware(cuda=True, bf16=True, flash_attn=False, name="a GPU")
-    ckpt, why = P.checkpointing_for_run(auto, gpu, gpu_memory=24 * P.GIB)
-    assert ckpt is False and "GPU memory" in why  # the tiny model needs a few MiB
-    ckpt, why = P.checkpointing_for_run(auto, gpu, gpu_memory=1024)
-    assert ckpt is True and why.startswith("on (without it the run would need")
-    assert P.checkpointing_for_run(forced, gpu, gpu_memory=1024) == (True, "on (train.gradient_checkpointing: true)")
+    ckpt, why = P.checkpointing_for_run(auto, gpu, memory=24 * P.GIB)
+    assert ckpt is False and "GPU memory" in why
+    for hw in (cpu, gpu):
+        ckpt, why = P.checkpointing_for_run(auto, hw, memory=1024)
+        assert ckpt is True and why.startswith("on (without it the run would need")
+        assert P.checkpointing_for_run(forced, hw, memory=1024) == (True, "on (train.gradient_checkpointing: true)")
