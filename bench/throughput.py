@@ -132,6 +132,41 @@ def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1) -
     return float(out.metrics["train_runtime"])
 
 
+_COUNTER = None
+
+
+def run_arm(arm: str, args, work: Path, data: Path, model_dir: str, recipes: dict) -> dict:
+    """Train one arm once in this process; its tokens, CPU and wall time."""
+    global _COUNTER
+    if _COUNTER is None:
+        _COUNTER = TokenCounter()
+        _COUNTER.install()
+    t0 = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    seconds = run_trl(model_dir, data, args, work) if arm == "trl" else run_ours(recipes[arm])
+    c = _COUNTER.take()
+    return {"seconds": round(seconds, 2), **c,
+            "non_pad_fraction": round(c["real_tokens"] / max(1, c["fed_tokens"]), 4),
+            "real_tokens_per_s": round(c["real_tokens"] / seconds, 1),
+            "real_tokens_per_cpu_s": round(c["real_tokens"] / c["cpu_seconds"], 2),
+            "wall_incl_load_s": round(time.time() - t0, 1)}
+
+
+def run_child(arm: str, args, work: Path) -> dict:
+    """run_arm in a fresh Python process (--isolate)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--one", arm, "--work", str(work), "--model", args.model,
+           "--max-length", str(args.max_length), "--micro-batch", str(args.micro_batch),
+           "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"bench arm {arm} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main():
     ap = argparse.ArgumentParser(description="finetune train vs a plain TRL script: real tokens per second")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -144,7 +179,11 @@ def main():
                     help="any of ours_packed, ours_padded, ours_same, ours_nockpt, ours_grouped, trl")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
                     "threads spinning while they wait for each other on a busy machine)")
+    ap.add_argument("--isolate", action="store_true", help="run every arm in a fresh process, so no arm inherits "
+                    "another's heap, caches or imported state")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this arm once in this process (--isolate)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
@@ -152,25 +191,27 @@ def main():
     torch.set_num_threads(args.threads)
     from finetune.models import resolve_base
 
+    if args.one:  # a child of --isolate: one arm, one JSON line
+        data = args.work / "mix.jsonl"
+        (args.work / args.one).mkdir(parents=True, exist_ok=True)
+        recipes = {args.one: write_recipe(args.work / args.one, args.model, data, args, args.one)}
+        print("RESULT " + json.dumps(run_arm(args.one, args, args.work / args.one, data,
+                                             resolve_base(args.model).hf_path, recipes)), flush=True)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     data = lengthmix.write(work / "mix.jsonl", args.rows, seed=0)
     model_dir = resolve_base(args.model).hf_path
     arms = args.arms.split(",")
     recipes = {a: write_recipe(work, args.model, data, args, a) for a in arms if a != "trl"}
-    counter = TokenCounter()
-    counter.install()
     runs = []
     for rep in range(args.repeats):
         order = arms[rep % len(arms):] + arms[:rep % len(arms)]  # rotate, so no arm always goes first
         for arm in order:
-            t0 = time.time()
-            seconds = run_trl(model_dir, data, args, work) if arm == "trl" else run_ours(recipes[arm])
-            c = counter.take()
-            runs.append({"repeat": rep, "arm": arm, "seconds": round(seconds, 2), **c,
-                         "non_pad_fraction": round(c["real_tokens"] / max(1, c["fed_tokens"]), 4),
-                         "real_tokens_per_s": round(c["real_tokens"] / seconds, 1),
-                         "real_tokens_per_cpu_s": round(c["real_tokens"] / c["cpu_seconds"], 2),
-                         "wall_incl_load_s": round(time.time() - t0, 1)})
+            if args.isolate:
+                row = run_child(arm, args, work)
+            else:
+                row = run_arm(arm, args, work, data, model_dir, recipes)
+            runs.append({"repeat": rep, "arm": arm, **row})
             print(f"[{rep}] {arm}: {runs[-1]['real_tokens_per_s']} real tok/s (wall), "
                   f"{runs[-1]['real_tokens_per_cpu_s']} per CPU-second", flush=True)
     import torch
