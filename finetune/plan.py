@@ -517,8 +517,8 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
 AUTO_CKPT_FRACTION = {"cuda": 0.8, "cpu": 0.5}
 """gradient_checkpointing: auto turns it off only when the plan without it needs at most this fraction of the
 memory: the planner is validated to 4% on the CPU but not yet on a GPU, and on a CPU other processes share the
-RAM. Measured on SmolLM2 on this CPU (bench/RESULTS.md): packed, 35% faster without checkpointing (a recomputed
-layer recomputes attention over a whole packed block); padded short rows, 3% slower (memory traffic)."""
+RAM. Measured on SmolLM2 on this CPU (bench/RESULTS.md): without checkpointing, packed training ran 26% faster (a
+recomputed layer recomputes attention over a whole packed block) and padded training 16% faster."""
 
 
 def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:
