@@ -28,8 +28,7 @@ from finetune.hardware import Hardware, Precision, detect_hardware
 from finetune.models import BaseSource, keep_training_nf4_layout, load_base, resize_for_tokenizer
 from finetune.recipe import Recipe, load_resolved
 from finetune.report import write_report
-from finetune.templates import ChatTemplate, load_template
-from finetune.templates import _parse as parse_template
+from finetune.templates import ChatTemplate, saved_template
 
 log = logging.getLogger("finetune")
 
@@ -88,15 +87,8 @@ def read_run(run: Path) -> RunInfo:
     precision = Precision(dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, optimizer="adamw_torch",
                           attn_implementation=prec.get("attn_implementation", "sdpa"))
     tok = AutoTokenizer.from_pretrained(adapter)
-    template = run_template(recipe, tok)
+    template = saved_template(recipe.data.template, tok)
     return RunInfo(run, recipe, source, precision, template, tok)
-
-
-def run_template(recipe: Recipe, tok) -> ChatTemplate:
-    """The template text saved with the adapter (exactly what training rendered), with its header's metadata."""
-    if getattr(tok, "chat_template", None):
-        return parse_template(Path(recipe.data.template).stem, tok.chat_template)
-    return load_template(recipe.data.template, tok)
 
 
 def _adapter_sha(run: Path) -> str:

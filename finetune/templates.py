@@ -118,6 +118,15 @@ def load_template(name: str, tokenizer=None) -> ChatTemplate:
     return _load_file(str(path.resolve()), path.stat().st_mtime)
 
 
+def saved_template(name: str, tokenizer) -> ChatTemplate:
+    """A run's template as saved with its adapter or merged model: exactly the text training rendered (even if the
+    .jinja file has changed or moved since), with the metadata of its header comment. Merge, export and eval all
+    read it this way, so every stage uses the same template and end-of-turn token."""
+    if name == TOKENIZER_TEMPLATE or not getattr(tokenizer, "chat_template", None):
+        return load_template(name, tokenizer)  # a model's own template: end token found by probing
+    return _parse(Path(name).stem, tokenizer.chat_template)
+
+
 def _guess_end_token(source: str, tokenizer) -> str:
     """For a model's own template: the special token that closes an assistant turn, else EOS."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "PROBEREPLY"}]

@@ -49,11 +49,12 @@ def exported(merged_run):
 def _seqs_and_texts(run):
     from transformers import AutoTokenizer
 
-    from finetune.export import _probes_for_verify, run_template
+    from finetune.export import _probes_for_verify
+    from finetune.templates import saved_template
     from finetune.recipe import load_resolved
 
     tok = AutoTokenizer.from_pretrained(run / "merged")
-    return _probes_for_verify(run, tok, run_template(load_resolved(run / "resolved.yaml"), tok))
+    return _probes_for_verify(run, tok, saved_template(load_resolved(run / "resolved.yaml").data.template, tok))
 
 
 def test_cli_gguf_ollama_adapter_verify_f16(exported):

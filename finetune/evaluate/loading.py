@@ -33,6 +33,7 @@ def open_run(run: Path | str) -> RunContext:
     from finetune import rundir
     from finetune.evaluate.generation import stop_token_ids
     from finetune.hardware import choose_precision, detect_hardware
+    from finetune.templates import saved_template
     from transformers import AutoTokenizer
 
     run = Path(run)
@@ -43,21 +44,11 @@ def open_run(run: Path | str) -> RunContext:
     recipe = load_resolved(run / "resolved.yaml")
     # The adapter's tokenizer is the one training used: pad fix applied, the run's chat template inside.
     tok = AutoTokenizer.from_pretrained(run / "adapter")
-    template = run_template(recipe, tok)
+    template = saved_template(recipe.data.template, tok)
     hw = detect_hardware(recipe.train.device)
     precision = choose_precision(recipe, hw)
     return RunContext(run, recipe, rundir.read_manifest(run), tok, template, stop_token_ids(tok, template),
                       precision, hw)
-
-
-def run_template(recipe: Recipe, tok):
-    """The template text saved with the adapter (exactly what training rendered, even if the .jinja file has
-    changed or moved since), with the metadata of its header comment (end-of-turn token)."""
-    from finetune.templates import TOKENIZER_TEMPLATE, _parse, load_template
-
-    if recipe.data.template == TOKENIZER_TEMPLATE or not getattr(tok, "chat_template", None):
-        return load_template(recipe.data.template, tok)  # a model's own template: end token found by probing
-    return _parse(Path(recipe.data.template).stem, tok.chat_template)
 
 
 def merged_ready(run: Path) -> bool:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 
 from finetune import rundir
-from finetune.recipe import Recipe, load_resolved
+from finetune.recipe import load_resolved
 from finetune.report import write_report
-from finetune.templates import ChatTemplate, load_template
+from finetune.templates import ChatTemplate, saved_template
 
 log = logging.getLogger("finetune")
 
@@ -90,15 +90,6 @@ def export_complete(run: Path, formats: list[str], gguf_type: str = "f16") -> bo
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def run_template(recipe: Recipe, tok) -> ChatTemplate:
-    """The run's template as saved with the model (the text training used), with its header's metadata."""
-    from finetune.templates import _parse
-
-    if getattr(tok, "chat_template", None):
-        return _parse(Path(recipe.data.template).stem, tok.chat_template)
-    return load_template(recipe.data.template, tok)
 
 
 def _link_tree(src: Path, dst: Path) -> list[str]:
@@ -217,7 +208,7 @@ def export_run(run: Path, formats: list[str], gguf_type: str = "f16", verify: bo
         done["adapter"] = {"source": _adapter_token(run), "files": [rel(out / "adapter" / "adapter_config.json")]}
 
     tok = AutoTokenizer.from_pretrained(merged if merged.is_dir() else run / "adapter")
-    template = run_template(recipe, tok)
+    template = saved_template(recipe.data.template, tok)
     gguf_path = out / "gguf" / f"{name}-{gguf_type}.gguf"
     if "gguf" in formats:
         try:
