@@ -86,21 +86,14 @@ def densify_4bit_on_cpu(model, dtype) -> int:
     import bitsandbytes as bnb
     import torch
 
-    layers = [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), bnb.nn.Linear4bit)]
-    dense_bytes = sum(m.base_layer.in_features * m.base_layer.out_features for m in layers) * torch.finfo(dtype).bits // 8
+    from finetune.merge import dequantize_4bit_layers  # the merge's own dequantisation: the same dense weights
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    dense_bytes = sum(m.in_features * m.out_features for m in layers) * torch.finfo(dtype).bits // 8
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if not layers or dense_bytes > ram // 4:
         return 0
-    for m in layers:
-        q = m.base_layer
-        dense = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype)
-        with torch.no_grad():
-            dense.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype))
-            if q.bias is not None:
-                dense.bias.copy_(q.bias.to(dtype))
-        dense.requires_grad_(False)
-        m.base_layer = dense
-    return len(layers)
+    return dequantize_4bit_layers(model, dtype)
 
 
 def load_merged(ctx: RunContext):
