@@ -80,3 +80,12 @@ def _cell(v) -> str:
 
 def median(xs):
     return statistics.median(xs) if xs else None
+
+
+def llama_config(shape, **extra):
+    """A transformers LlamaConfig with a planner Shape's sizes (random-initialised models, nothing downloaded)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied, **extra)

@@ -53,13 +53,11 @@ def build_tokenizer(out: Path, texts: list[str], vocab_size: int):
 def build_model(out: Path, shape, device: str, tok) -> Path:
     """Random-initialised LLaMA of a planner Shape, saved in bf16 next to the tokenizer."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied,
-                      max_position_embeddings=8192, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      rope_theta=500000.0 if shape.vocab > 100000 else 10000.0)
+    cfg = _common.llama_config(shape, max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id,
+                               rope_theta=500000.0 if shape.vocab > 100000 else 10000.0)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

@@ -46,13 +46,11 @@ def load_bytes(model_dir: Path, mode: str) -> dict:
 def random_llama(out: Path, shape) -> Path:
     """A random-initialised LLaMA of the given planner Shape, saved in bf16 (nothing is downloaded)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if (out / "config.json").is_file():
         return out
-    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied)
+    cfg = _common.llama_config(shape)
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
