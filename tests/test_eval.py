@@ -305,3 +305,42 @@ def test_lm_eval_unknown_task_name_suggests_the_close_one():
         check_tasks(EvalTask(name="arc", kind="lm_eval", lm_eval_tasks=["arc_eazy"]))
     with pytest.raises(EvalError, match="not reachable"):
         check_tasks(EvalTask(name="arc", kind="lm_eval", lm_eval_tasks=["arc_easy"]))
+
+
+def test_stream_reply_sends_text_while_generating(trained_run):
+    """generate/chat print each piece as soon as it is final: the callback runs during generation, more than
+    once, and the pieces add up to the reply."""
+    from finetune.data import prompt_ids
+    from finetune.evaluate.generation import stream_reply
+    from finetune.evaluate.loading import as_model, load_tuned, open_run
+
+    ctx = open_run(trained_run)
+    model = load_tuned(ctx)
+    ids = prompt_ids([{"role": "user", "content": "what is red"}], ctx.tok, ctx.template)
+    calls = []
+    # Count decoding steps, so each piece knows when it arrived.
+    model.get_base_model().register_forward_pre_hook(lambda *a: calls.append("step"))
+    pieces = []
+    with as_model(model, "base"):  # the untuned tiny model rambles: many words, no end token within 16
+        gen = stream_reply(model, ctx.tok, ids, [], 16, lambda t: pieces.append((t, len(calls))))
+    assert len(pieces) > 1
+    assert pieces[0][1] < len(calls), "the first piece arrived only after generation had finished"
+    assert "".join(t for t, _ in pieces).strip() == gen.text.strip()
+
+
+def test_chat_cli_keeps_history_and_reset_clears_it(trained_run):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    runner = CliRunner()
+    one = runner.invoke(app, ["generate", str(trained_run), "--prompt", "what is red", "--max-new-tokens", "8"])
+    assert one.exit_code == 0, one.output
+    chat = runner.invoke(app, ["chat", str(trained_run), "--max-new-tokens", "8"],
+                         input="what is red\n/reset\nwhat is red\n/exit\n")
+    assert chat.exit_code == 0 and "Traceback" not in chat.output, chat.output
+    # Each reply follows the "> " prompt(s) on its line (/reset prints a prompt and no reply).
+    replies = [r for r in (re.sub(r"^(> )+", "", line) for line in chat.stdout.splitlines()) if r.strip()]
+    expected = one.stdout.splitlines()[0]
+    # After /reset the same question gets the same greedy answer as a fresh one-shot generate.
+    assert expected.strip() and replies[0] == replies[-1] == expected, chat.stdout
