@@ -15,6 +15,7 @@ Imports nothing of ours (see DESIGN.md): train.py and the trainer subclass in gu
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be written or must not be loaded (disk full, damaged, unsafe pickle)."""
 
 

@@ -4,6 +4,7 @@ one-line messages with a non-zero exit code (never a traceback for a user mistak
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -40,29 +41,63 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def user_errors(fn):
-    """Print our known error types as clean lines on stderr and exit 2."""
+    """Print a `UserError` as clean lines on stderr (exit 2); anything unexpected as one line plus where its
+    traceback went (exit 1). A traceback box is for developers: FINETUNE_DEBUG=1 prints it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from finetune.errors import USER_ERRORS, TrainingInterrupted
+        from finetune.errors import TrainingInterrupted, UserError
 
         try:
             return fn(*args, **kwargs)
         except TrainingInterrupted as e:  # SIGTERM/SIGINT after a clean checkpoint: not a failure
             typer.echo(f"interrupted: {e}")
             raise typer.Exit(0) from None
-        except RecipeError as e:
-            for line in e.problems:
+        except UserError as e:
+            for line in e.lines():
                 typer.echo(line, err=True)
-            raise typer.Exit(2) from None
-        except USER_ERRORS as e:
-            typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, the traceback kept
+            if os.environ.get("FINETUNE_DEBUG"):
+                raise
+            where = _keep_traceback()
+            typer.echo(f"internal error: {type(e).__name__}: {_one_line(e)} (full traceback: {where}; "
+                       "FINETUNE_DEBUG=1 prints it)", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _keep_traceback() -> str:
+    """Write the current exception's traceback to the run's log when one is open, else to a temp file."""
+    import logging
+    import tempfile
+    import traceback
+
+    from finetune.rundir import own_log_files
+
+    text = traceback.format_exc()
+    logger = logging.getLogger("finetune")
+    files = own_log_files()
+    for h in files:
+        h.handle(logger.makeRecord("finetune", logging.ERROR, __file__, 0, "unexpected error:\n%s", (text,), None))
+        h.flush()
+    if files:
+        return files[0].baseFilename
+    fd, path = tempfile.mkstemp(prefix="finetune-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
 
 
 @app.command(epilog=_recipe_help())

@@ -1,20 +1,19 @@
-"""The error types that mean "the user's input is wrong", which the CLI prints as one line (no traceback)."""
+"""The one error type that means "the user's input is wrong". A leaf: it imports nothing of ours.
 
-from finetune.checkpoints import CheckpointError
-from finetune.data import DataError
-from finetune.evaluate.tasks import EvalError
-from finetune.export import ExportError
-from finetune.lock import LockedError
-from finetune.merge import MergeError
-from finetune.models import ModelSourceError
-from finetune.pipeline import PipelineError
-from finetune.plan import PlanError
-from finetune.recipe import RecipeError
-from finetune.resume import ResumeError
-from finetune.train import RunDirError
+Each module defines its own subclass where the problem is found (`DataError`, `MergeError`, ...). The CLI
+prints any `UserError` as one line and exits 2, so no list of error types has to be kept anywhere.
+"""
 
 
-class NonFiniteError(Exception):
+class UserError(Exception):
+    """A problem the user can fix; the message names the field, file or path and says how."""
+
+    def lines(self) -> list[str]:
+        """What the CLI prints, one item a line (a recipe may have several problems at once)."""
+        return [f"error: {self}"]
+
+
+class NonFiniteError(UserError):
     """The loss or gradient norm became NaN/inf and train.on_nan is stop (the message names the step)."""
 
     def __init__(self, message: str, step: int | None = None):
@@ -24,8 +23,3 @@ class NonFiniteError(Exception):
 
 class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT stopped training at a step boundary after a checkpoint. Not an error: the CLI exits 0."""
-
-
-USER_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, ModelSourceError, RunDirError, CheckpointError,
-                                            LockedError, ResumeError, NonFiniteError, EvalError, PipelineError,
-                                            MergeError, ExportError, PlanError)

@@ -8,6 +8,7 @@ Standard library only, so a holder is cheap to start (the tests use that).
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import fcntl
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 LOCK_NAME = ".finetune.lock"
 
 
-class LockedError(Exception):
+class LockedError(UserError):
     """Another live process is writing this run directory."""
 
 

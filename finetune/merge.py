@@ -11,6 +11,7 @@ model on a probe set (KL of the next-token distributions, argmax agreement, max 
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ BUILTIN_PROMPTS = [
 ]
 
 
-class MergeError(Exception):
+class MergeError(UserError):
     """The run directory cannot be merged as asked; the message says why and what to do."""
 
 

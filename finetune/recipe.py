@@ -7,6 +7,7 @@ one line each, as `FILE: field.path: message (got VALUE)`.
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import difflib
 import re
 from pathlib import Path
@@ -20,12 +21,15 @@ BUILTIN_MODELS = ("smollm2-135m-instruct",)
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
-class RecipeError(Exception):
+class RecipeError(UserError):
     """A recipe that cannot be used. `problems` holds one human-readable line per problem."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+    def lines(self) -> list[str]:
+        return list(self.problems)
 
 
 def _reading_run_dir(info: ValidationInfo) -> bool:

@@ -7,6 +7,7 @@ experiment, so it is refused (unless --force) with the list of what changed.
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from finetune import rundir
 log = logging.getLogger("finetune")
 
 
-class ResumeError(Exception):
+class ResumeError(UserError):
     """The run directory cannot be resumed as asked."""
 
 

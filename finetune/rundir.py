@@ -9,16 +9,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger("finetune")
 
@@ -63,12 +66,76 @@ def read_manifest(run: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a manifest."""
+# ---------------------------------------------------------------------------------------------
+# Atomic publishing: every file or directory another stage (or a person) reads is written under a temp name,
+# fsynced, and renamed into place, so a crash leaves either the old version or the whole new one.
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (some filesystems refuse it on directories; the rename is atomic anyway)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def publishing_file(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write; when the block succeeds it is fsynced and renamed over `path`;
+    when it fails the temp file is removed and `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def publishing_dir(path: Path, marker: str | None = None, marker_body: dict | None = None) -> Iterator[Path]:
+    """Yield an empty temp directory beside `path`; when the block succeeds every file in it is fsynced, the
+    completion `marker` (if any) is written last, and the directory is renamed to `path`. An existing `path` is
+    moved aside first and deleted only once the new one is in place. On failure nothing of it remains."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if marker is not None:
+            (tmp / marker).write_text(json.dumps(marker_body or {}, indent=1, default=str) + "\n", encoding="utf-8")
+        for p in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            fsync_path(p)
+        fsync_path(tmp)
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_path(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (see publishing_file)."""
+    with publishing_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically, so a crash never leaves half a manifest."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def update_manifest(run: Path, **fields) -> dict:
@@ -85,22 +152,48 @@ def add_event(run: Path, kind: str, **details) -> None:
     write_json(Path(run) / "manifest.json", m)
 
 
+class _OwnStderrHandler(logging.StreamHandler):
+    """The stderr handler finetune adds. Only handlers of this class (and the run's own file handlers, marked
+    below) are ever touched again: a handler someone else put on the `finetune` logger (pytest's log capture,
+    a notebook's, a job runner's) keeps its stream."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # always today's sys.stderr: tests and notebooks swap it between runs
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # logging.StreamHandler.__init__ assigns it; the getter ignores it on purpose
+        pass
+
+
+_OWN_FILE_HANDLER = "_finetune_run_log"
+
+
 def setup_logging(run: Path | None = None, name: str = "train.log") -> None:
     """Log to stderr, and to a file in the run directory (main process only)."""
     logger = logging.getLogger("finetune")
     logger.setLevel(logging.INFO)
-    streams = [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-    if not streams:
-        h = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _OwnStderrHandler) for h in logger.handlers):
+        h = _OwnStderrHandler()
         h.setFormatter(logging.Formatter("finetune: %(levelname)s: %(message)s"))
         logger.addHandler(h)
-    for h in streams:
-        if h.stream is not sys.stderr:  # a second run in one process (tests, notebooks) may have a new stderr
-            h.stream = sys.stderr  # not setStream(): it flushes the old stream, which may be closed
     if run is not None and is_main_process():
-        path = str(Path(run) / name)
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in logger.handlers):
+        path = os.path.abspath(str(Path(run) / name))
+        for h in own_log_files():  # one run's log at a time: a later run in this process must not write here
+            if h.baseFilename != path:
+                logger.removeHandler(h)
+                h.close()
+        if not any(h.baseFilename == path for h in own_log_files()):
             fh = logging.FileHandler(path, encoding="utf-8")
+            setattr(fh, _OWN_FILE_HANDLER, True)
             fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logger.addHandler(fh)
     logger.propagate = False
+
+
+def own_log_files() -> list[logging.FileHandler]:
+    """The run-log file handlers that setup_logging added (never a handler somebody else attached)."""
+    return [h for h in logging.getLogger("finetune").handlers if getattr(h, _OWN_FILE_HANDLER, False)]

@@ -5,6 +5,7 @@ Reads top to bottom: setup (run dir, hardware, tokenizer, data, model) -> train 
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from finetune.templates import check_tokenizer_supports, load_template
 log = logging.getLogger("finetune")
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """The output directory is in a state we must not write over."""
 
 

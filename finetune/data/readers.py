@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import csv
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Iterator
 from finetune.recipe import DataSource, looks_local
 
 
-class DataError(Exception):
+class DataError(UserError):
     """One bad row or file: the message starts with `file:line` and names the field."""
 
 

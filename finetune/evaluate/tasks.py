@@ -6,12 +6,13 @@ the row needs, the same way training data is reported.
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """An evaluation input the user must fix (task file, run directory, metric); one line with the fix."""
 
 

@@ -12,6 +12,7 @@ Export reads merged/ but never merges: the CLI (or `finetune run`) runs `finetun
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ MERGED_MARKER = ".complete"
 """Written last by `finetune merge` into merged/ (finetune/merge.py)."""
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """An export that cannot be done as asked; the message says why and what to do."""
 
 

@@ -9,6 +9,7 @@ What llama.cpp expects and HF does not give for free:
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 Q8_BLOCK = 32
 
 
-class GGUFExportError(Exception):
+class GGUFExportError(UserError):
     """The merged model cannot be written as GGUF; the message says why."""
 
 

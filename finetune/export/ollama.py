@@ -9,6 +9,7 @@ never silently mistranslated.
 
 from __future__ import annotations
 
+from finetune.errors import UserError
 import json
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 SYS, U1, A1, U2, A2 = "\x02SYS\x03", "\x02U1\x03", "\x02A1\x03", "\x02U2\x03", "\x02A2\x03"
 
 
-class TemplateTranslationError(Exception):
+class TemplateTranslationError(UserError):
     """The chat template cannot be expressed as an Ollama template by role prefixes and suffixes."""
 
 
