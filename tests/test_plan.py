@@ -116,12 +116,45 @@ def test_sharding_and_processes():
     assert off.part("gathered") > 0
 
 
-def test_advice_names_a_change_that_fits():
-    plan = P.estimate(P.SHAPES["llama-3-8b"], P.Setup(seq_len=2048, batch=8, gradient_checkpointing=False), 24 * P.GIB)
-    assert not plan.fits and plan.advice
-    assert "gradient checkpointing" in plan.advice[0]
-    fixed = P.estimate(P.SHAPES["llama-3-8b"], P.Setup(seq_len=2048, batch=8, gradient_checkpointing=True), 24 * P.GIB)
-    assert fixed.total < plan.total
+# Where each Setup field the advice may change is named in the advice's text.
+ADVICE_NAMES = {"gradient_checkpointing": "train.gradient_checkpointing", "optimizer": "train.optimizer",
+                "batch": "micro_batch_size", "seq_len": "data.max_length", "sharding": "offload",
+                "num_processes": "GPUs"}
+
+
+def _advice_cases():
+    """(shape, setup, memory) that do not fit, one for each kind of advice."""
+    s7 = P.Setup(seq_len=512, batch=1, optimizer="adamw_torch")
+    optimizer_only = (P.estimate(P.SHAPES["llama-2-7b"], s7).total
+                      + P.estimate(P.SHAPES["llama-2-7b"], replace(s7, optimizer="paged_adamw_8bit")).total) // 2
+    return [
+        ("llama-3-8b", P.Setup(seq_len=2048, batch=8, gradient_checkpointing=False), 24 * P.GIB),  # + micro-batch
+        ("llama-2-7b", s7, optimizer_only),
+        ("llama-3-8b", P.Setup(seq_len=16384, batch=1), 24 * P.GIB),  # shorter sequences
+        ("llama-2-70b", P.Setup(seq_len=2048, batch=1, num_processes=2, sharding="fsdp"), 16 * P.GIB),  # offload
+        ("llama-2-70b", P.Setup(seq_len=2048, batch=1), 24 * P.GIB),  # more GPUs
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_advice_names_a_change_that_fits(case):
+    """Re-planned with the advised changes applied, the run fits, at the total the advice's last line states,
+    and every change is named in the advice."""
+    name, setup, memory = _advice_cases()[case]
+    plan = P.estimate(P.SHAPES[name], setup, memory)
+    assert not plan.fits and plan.advice and plan.advised_changes
+    fixed = P.estimate(P.SHAPES[name], replace(setup, **plan.advised_changes), memory)
+    assert fixed.fits
+    assert plan.advice[-1].removesuffix(" per GPU").endswith(f": {P.fmt(fixed.total)}")
+    for changed in plan.advised_changes:
+        assert ADVICE_NAMES[changed] in " ".join(plan.advice)
+    if not setup.gradient_checkpointing:
+        assert "gradient checkpointing" in plan.advice[0]  # the cheapest change comes first
+
+
+def test_advice_when_nothing_fits():
+    plan = P.estimate(P.SHAPES["llama-65b"], P.Setup(seq_len=2048, batch=1), 2 * P.GIB)
+    assert plan.advised_changes is None and "use a smaller model" in plan.advice[-1]
 
 
 def test_shape_from_local_config_and_gguf(tiny_model_dir):
@@ -192,3 +225,32 @@ def test_gradient_checkpointing_auto_follows_the_plan(recipe_factory):
         ckpt, why = P.checkpointing_for_run(auto, hw, memory=1024)
         assert ckpt is True and why.startswith("on (without it the run would need")
         assert P.checkpointing_for_run(forced, hw, memory=1024) == (True, "on (train.gradient_checkpointing: true)")
+
+
+def test_gpu_without_bf16_plans_fp32(recipe_factory):
+    """On a GPU without bf16 (T4, V100) hardware.choose_precision computes in fp32: the plan's activations and
+    its dequantised weight follow that dtype, not bf16's, and so does `gradient_checkpointing: auto`."""
+    from finetune.hardware import Hardware
+
+    overrides = ["quantization.compute_dtype=bfloat16", "train.gradient_checkpointing=false"]
+    recipe = load_recipe(recipe_factory(), overrides)
+    kw = dict(shape="llama-2-7b", seq_len=2048, batch=1)
+    with_bf16, without = P.plan_recipe(recipe, None, **kw), P.plan_recipe(recipe, None, bf16=False, **kw)
+    assert (with_bf16.setup.compute, without.setup.compute) == ("bf16", "fp32")
+    assert without.part("activations") == P.activation_bytes(P.SHAPES["llama-2-7b"], without.setup)
+    # bf16 autocast keeps the residual stream and the MLP in fp32, so fp32 stores more but not twice as much.
+    assert without.part("activations") > 1.1 * with_bf16.part("activations")
+    assert without.part("transient") == 2 * with_bf16.part("transient")
+    assert "falls back to float32" in " ".join(without.notes) and with_bf16.notes == []
+
+    # Memory whose 80% lies between the two runs without checkpointing: auto turns it off only where bf16 is.
+    memory = int((with_bf16.total + without.total) / 2 / P.AUTO_CKPT_FRACTION["cuda"])
+    auto = load_recipe(recipe_factory(), [overrides[0], "train.gradient_checkpointing=auto"])
+    assert P.plan_recipe(auto, memory, **kw).setup.gradient_checkpointing is False
+    assert P.plan_recipe(auto, memory, bf16=False, **kw).setup.gradient_checkpointing is True
+    # train() decides through checkpointing_for_run with the detected GPU (the tiny model's shape here).
+    tiny = [P.plan_recipe(recipe, None, bf16=bf16) for bf16 in (True, False)]
+    memory = int((tiny[0].total + tiny[1].total) / 2 / P.AUTO_CKPT_FRACTION["cuda"])
+    for bf16, ckpt in ((True, False), (False, True)):
+        gpu = Hardware(cuda=True, bf16=bf16, flash_attn=False, name="a GPU")
+        assert P.checkpointing_for_run(auto, gpu, memory=memory)[0] is ckpt

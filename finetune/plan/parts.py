@@ -1,0 +1,127 @@
+"""The estimate as named parts, one line each in `finetune plan`'s table, for one process:
+
+    4-bit base        packed NF4/FP4 weights + their quantisation constants (double quant or not)
+    kept weights      embeddings, lm_head, norms (fp32: peft's prepare_model_for_kbit_training upcasts them)
+    LoRA              adapter parameters, their gradients and the optimizer state
+    activations       what autograd keeps for backward, with or without gradient checkpointing
+    transient         the largest dequantised weight (bitsandbytes dequantises one layer at a time)
+    overhead          CUDA context and allocator fragmentation (not visible to torch.cuda.max_memory_allocated)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from finetune.plan.byte_model import (SHARDINGS, Setup, activation_bytes, adapter_dtype_bytes, lora_targets,
+                                      lora_tensor_sizes, optimizer_state_bytes, paged_bytes, weight_parts)
+from finetune.plan.shapes import Shape
+from finetune.plan.sizes import MIB, PlanError, fmt
+
+
+@dataclass
+class Part:
+    key: str
+    label: str
+    bytes: int
+    note: str = ""
+
+
+def _sharded(setup: Setup) -> bool:
+    return setup.sharding.startswith(("fsdp", "zero3"))
+
+
+def _offloaded(setup: Setup) -> bool:
+    return setup.sharding.endswith("offload")
+
+
+def _shards(setup: Setup) -> int:
+    """How many processes share the sharded parts (1 unless FSDP/ZeRO-3)."""
+    return max(1, setup.num_processes) if _sharded(setup) else 1
+
+
+def plan_parts(shape: Shape, setup: Setup) -> tuple[list[Part], int]:
+    """The named parts of one process's peak memory, and the bytes of paged optimizer state among them (CUDA
+    unified memory: needed on the GPU, invisible to torch.cuda.max_memory_allocated)."""
+    if setup.sharding not in SHARDINGS:
+        raise PlanError(f"--sharding: must be one of {', '.join(SHARDINGS)} (got {setup.sharding!r})")
+    parts = _weight_parts(shape, setup) + _adapter_parts(shape, setup) + _parallel_parts(shape, setup)
+    parts += _step_parts(shape, setup)
+    if setup.device == "cuda":
+        allocated = sum(p.bytes for p in parts)
+        parts.append(Part("overhead", "CUDA context + allocator slack", 600 * MIB + allocated // 20,
+                          "600 MiB context + 5% fragmentation"))
+    paged = 0 if _offloaded(setup) else paged_bytes(lora_tensor_sizes(shape, setup), setup.optimizer) // _shards(setup)
+    return parts, paged
+
+
+def total_bytes(shape: Shape, setup: Setup) -> int:
+    """All the memory one process needs, overhead included."""
+    return sum(p.bytes for p in plan_parts(shape, setup)[0])
+
+
+def _weight_parts(shape: Shape, setup: Setup) -> list[Part]:
+    """The frozen base: quantised linears, the weights kept in higher precision, rotary buffers."""
+    w = weight_parts(shape, setup)
+    if setup.load_in_4bit:
+        label = f"4-bit base (NF4, {'double quant' if setup.double_quant else 'no double quant'})"
+    else:
+        label = "16-bit base linears"
+    kept_label = "embeddings, lm_head, norms"
+    buffers = Part("buffers", "rotary buffers", w["buffers"])
+    if _offloaded(setup):
+        return [Part("base", label, 0, f"{fmt(w['base'])} offloaded to CPU RAM"),
+                Part("kept", kept_label, 0, f"{fmt(w['kept'])} offloaded to CPU RAM"), buffers]
+    div = _shards(setup)
+    kept_note = "fp32 (upcast by prepare_model_for_kbit_training)" if w["kept_dtype_bytes"] == 4 else "16-bit"
+    return [Part("base", label, w["base"] // div, f"sharded over {div}" if _sharded(setup) else ""),
+            Part("kept", kept_label, w["kept"] // div, kept_note), buffers]
+
+
+def _adapter_parts(shape: Shape, setup: Setup) -> list[Part]:
+    """LoRA parameters, their gradients and the optimizer state."""
+    sizes = lora_tensor_sizes(shape, setup)
+    a_bytes = adapter_dtype_bytes(setup)
+    lora = sum(sizes) * a_bytes
+    opt = optimizer_state_bytes(sizes, setup.optimizer, 4 if a_bytes == 4 else 2, setup.device)
+    opt_label = f"optimizer state ({setup.optimizer})"
+    if _offloaded(setup):
+        return [Part("lora", "LoRA parameters", 0, f"{fmt(lora)} offloaded"),
+                Part("grads", "LoRA gradients", 0, "offloaded"),
+                Part("optimizer", opt_label, 0, f"{fmt(opt)} offloaded")]
+    div = _shards(setup)
+    note = f"r={setup.lora_r}, {len(sizes) // 2} adapters, {'fp32' if a_bytes == 4 else '16-bit'}"
+    paged = paged_bytes(sizes, setup.optimizer) // div
+    opt_note = f"{fmt(paged)} of it paged (CUDA unified memory)" if paged else ""
+    return [Part("lora", "LoRA parameters", lora // div, note), Part("grads", "LoRA gradients", lora // div),
+            Part("optimizer", opt_label, opt // div, opt_note)]
+
+
+def _parallel_parts(shape: Shape, setup: Setup) -> list[Part]:
+    """What several processes add: DDP's gradient buckets, or the units FSDP/ZeRO-3 gather for compute."""
+    sizes = lora_tensor_sizes(shape, setup)
+    a_bytes = adapter_dtype_bytes(setup)
+    if setup.sharding == "ddp" or (setup.sharding == "none" and setup.num_processes > 1):
+        return [Part("ddp", "DDP gradient buckets", sum(sizes) * a_bytes,
+                     "a flat copy of the gradients for all-reduce")]
+    if not _sharded(setup):
+        return []
+    # FSDP/ZeRO-3 gather one decoder layer at a time (two with prefetch) and the root unit (embeddings,
+    # lm_head) while it is used.
+    per_layer = 2 * len(lora_targets(shape, setup.target_modules))
+    layer = weight_parts(replace(shape, layers=1), setup)["base"] + sum(sizes[:per_layer]) * a_bytes
+    root = shape.vocab * shape.hidden * (1 if shape.tied else 2) * weight_parts(shape, setup)["kept_dtype_bytes"]
+    return [Part("gathered", "gathered (unsharded) units", 2 * layer + root,
+                 "two decoder layers + embeddings/lm_head, all-gathered for compute")]
+
+
+def _step_parts(shape: Shape, setup: Setup) -> list[Part]:
+    """What a training step adds: activations, and on a GPU the dequantised weight of the running matmul."""
+    ckpt = "with" if setup.gradient_checkpointing else "without"
+    parts = [Part("activations", f"activations ({ckpt} gradient checkpointing)", activation_bytes(shape, setup),
+                  f"batch {setup.batch} x seq {setup.seq_len}")]
+    if setup.device == "cuda" and setup.load_in_4bit:
+        biggest = max(a * b for _, a, b in shape.linears())
+        dtype_bytes = 4 if setup.compute == "fp32" else 2
+        parts.append(Part("transient", "dequantised weight (transient)", biggest * dtype_bytes,
+                          "largest linear, dequantised for its matmul"))
+    return parts
