@@ -139,7 +139,22 @@ def test_templates_readme_documents_each_template():
     from finetune.templates import templates_dir
 
     readme = (templates_dir() / "README.md").read_text()
-    for name in available_templates():
+    # The table: | `name` | for models | special tokens it needs | end of turn (supervised) |
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip().replace("\\|", "|") for c in line.strip().strip("|").split(" | ")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells
+    assert sorted(rows) == available_templates(), "one table row per bundled template, and no other"
+    for name, (_, _, needs, end) in rows.items():
         t = load_template(name)
-        assert f"`{name}`" in readme, name
-        assert t.end_of_turn in readme or "EOS" in readme
+        if t.end_of_turn == "eos_token":
+            assert end.startswith("EOS"), f"{name}: the end of turn is EOS, the README says {end!r}"
+        else:
+            assert end == f"`{t.end_of_turn}`", f"{name}: the end of turn is {t.end_of_turn}, the README says {end!r}"
+        for token in t.requires:
+            assert f"`{token}`" in needs, f"{name}: needs {token}, not in the README's {needs!r}"
+    alternating = [line for line in readme.splitlines() if "cannot express two turns of the same role" in line]
+    assert len(alternating) == 1
+    named = sorted(n for n in available_templates() if f"`{n}`" in alternating[0])
+    assert named == sorted(n for n in available_templates() if load_template(n).alternating)
