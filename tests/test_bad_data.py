@@ -77,7 +77,7 @@ CASES = [
      ":1: field 'completion' is empty"),
     ("mapped column missing", "d.jsonl", jl({"question": "q", "reply": "r"}),
      {"columns": {"instruction": "question", "output": "answer"}}, "chatml",
-     ":1: missing field \"output (column 'answer')\" for format alpaca"),
+     ":1: columns {output: answer} names a column this row does not have: 'answer' (columns present: question, reply)"),
     ("corrupt parquet", "d.parquet", b"PAR1 this is not parquet", {}, "chatml", ": not a readable parquet file"),
 ]
 

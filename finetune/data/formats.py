@@ -19,6 +19,13 @@ FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+OPTIONAL_FIELDS = ("input", "system")
+"""Fields a row may leave out (alpaca's); every other field of a format is required."""
+TEXT_PART_JOINER = "\n"
+"""A turn whose content is a list of parts ([{"type": "text", "text": ...}], the OpenAI shape) becomes its text
+parts joined by this: llama.cpp's server and vLLM join them with a newline when they hand list content to a
+text-only chat template (so a model served that way sees what it was trained on). Hugging Face's multimodal
+templates concatenate with no separator; we don't, since that glues the last word of one part to the next."""
 
 
 @dataclass
@@ -34,7 +41,7 @@ class Example:
 def to_example(loc: str, record: Any, src: DataSource, system_prompt: str | None = None) -> Example:
     if not isinstance(record, dict):
         raise RowError(loc, f"expected a JSON object with fields {list(FORMAT_FIELDS[src.format])}, got {type(record).__name__}")
-    rec = _apply_columns(record, src.columns)
+    rec = _apply_columns(record, src, loc)
     fmt = src.format
     if fmt == "text":
         return Example(loc, None, text=_string(rec, "text", loc, src))
@@ -59,14 +66,34 @@ def to_example(loc: str, record: Any, src: DataSource, system_prompt: str | None
     return Example(loc, msgs)
 
 
-def _apply_columns(record: dict, columns: dict[str, str]) -> dict:
-    if not columns:
+def _apply_columns(record: dict, src: DataSource, loc: str) -> dict:
+    if not src.columns:
         return record
     out = dict(record)
-    for ours, theirs in columns.items():
+    for ours, theirs in src.columns.items():
         if theirs in record:
             out[ours] = record[theirs]
+        elif ours in record or ours not in OPTIONAL_FIELDS:
+            # Never fall back to a column named like our field: the mapping says to read another one.
+            have = ", ".join(map(str, record)) or "none"
+            raise RowError(loc, f"columns {{{ours}: {theirs}}} names a column this row does not have: {theirs!r} "
+                                f"(columns present: {have}); fix data.train[].columns or the file")
     return out
+
+
+def columns_problem(src: DataSource, columns_seen: set) -> str | None:
+    """A columns mapping that cannot apply to this source: a key that is not a field of its format (the
+    mapping is {our field: your column}), or an (optional) field's column that no row has."""
+    fields = FORMAT_FIELDS[src.format]
+    for ours, theirs in src.columns.items():
+        if ours not in fields:
+            return (f"columns {{{ours}: {theirs}}}: {ours!r} is not a field of format {src.format} (fields: "
+                    f"{', '.join(fields)}); the mapping reads {{our field: your column}}")
+        if columns_seen and theirs not in columns_seen:
+            have = ", ".join(sorted(map(str, columns_seen)))
+            return (f"columns {{{ours}: {theirs}}} names a column no row has: {theirs!r} (columns present: "
+                    f"{have}); fix data.train[].columns or the file")
+    return None
 
 
 def _field_name(name: str, src: DataSource) -> str:
@@ -104,8 +131,11 @@ def _conversation(rec, key, loc, src, role_key, content_key, roles) -> list[dict
         if role is None or content is None:
             missing = role_key if role is None else content_key
             raise RowError(loc, f"{where}: missing field {missing!r}")
+        if isinstance(content, list):
+            content = _text_of_parts(content, f"{where}.{content_key}", loc)
         if not isinstance(content, str):
-            raise RowError(loc, f"{where}.{content_key} must be a string, got {type(content).__name__}")
+            raise RowError(loc, f"{where}.{content_key} must be a string, got {type(content).__name__} "
+                                "(or a list of text parts)")
         mapped = roles.get(role) if roles else (role if role in ROLES else None)
         if mapped is None:
             allowed = sorted(roles) if roles else list(ROLES)
@@ -118,6 +148,22 @@ def _conversation(rec, key, loc, src, role_key, content_key, roles) -> list[dict
     if not any(m["role"] == "assistant" for m in msgs):
         raise RowError(loc, f"field {key!r} has no assistant turn (nothing to learn)")
     return msgs
+
+
+def _text_of_parts(parts: list, where: str, loc: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise RowError(loc, f"{at} must be an object like {{\"type\": \"text\", \"text\": ...}}, "
+                                f"got {type(part).__name__}")
+        kind = part.get("type")
+        if kind != "text":
+            raise RowError(loc, f"{at}.type is {kind!r}: only text parts can be trained (remove the part or the row)")
+        if not isinstance(part.get("text"), str):
+            raise RowError(loc, f"{at}.text must be a string, got {type(part.get('text')).__name__}")
+        texts.append(part["text"])
+    return TEXT_PART_JOINER.join(texts)
 
 
 def check_turn_order(ex: Example, template: ChatTemplate) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from finetune.checkpoints import file_sha256  # one hashing helper for the whole package
 from finetune.data.encode import Encoded, encode
-from finetune.data.formats import Example, check_turn_order, to_example
+from finetune.data.formats import Example, check_turn_order, columns_problem, to_example
 from finetune.data.readers import DataError, RowError, read_records, source_files
 from finetune.recipe import DataSource, looks_local
 from finetune.templates import ChatTemplate
@@ -34,7 +34,12 @@ def load_examples(sources: list[DataSource], data_cfg, template: ChatTemplate, s
     per_source = report.setdefault("rows_per_source", {})
     for src in sources:
         rows: list[Example] = []
+        columns_seen: set = set()
+        if problem := columns_problem(src, columns_seen):
+            raise DataError(f"{src.path}: {problem}")
         for loc, rec in read_records(src):
+            if src.columns and isinstance(rec, dict):
+                columns_seen.update(rec)
             try:
                 if isinstance(rec, RowError):
                     raise rec
@@ -46,6 +51,8 @@ def load_examples(sources: list[DataSource], data_cfg, template: ChatTemplate, s
                 _skip(skipped, e)
                 continue
             rows.append(ex)
+        if problem := columns_problem(src, columns_seen):
+            raise DataError(f"{src.path}: {problem}")
         if src.max_samples is not None and len(rows) > src.max_samples:
             rng = random.Random(seed)
             keep = sorted(rng.sample(range(len(rows)), src.max_samples))
@@ -89,7 +96,15 @@ def split_held_out(examples: list[Example], held_out: float, seed: int, tok, tem
     if not held_out:
         return examples, []
     unique = list(dict.fromkeys(texts))
+    if len(unique) < 2:
+        distinct = f" ({len(unique)} distinct once rendered)" if len(unique) != len(examples) else ""
+        raise DataError(f"data.held_out: {held_out:g}: the held-out split took every row: the data has "
+                        f"{len(examples)} row{'s' if len(examples) != 1 else ''}{distinct}, and at least one "
+                        "held-out and one training row are needed; add rows, or set data.held_out: 0")
     n = int(round(held_out * len(unique))) if held_out < 1 else int(held_out)
+    if n >= len(unique):
+        log.warning("data.held_out: %g would take all %d distinct rows; holding out %d so one is left to train on",
+                    held_out, len(unique), len(unique) - 1)
     n = max(1, min(n, len(unique) - 1))
     rng = random.Random(seed)
     chosen = set(rng.sample(unique, n))
@@ -138,6 +153,9 @@ def _prepare_uncached(recipe, tok, template: ChatTemplate) -> Prepared:
         before = len(train_ex)
         train_ex = [e for e in train_ex if rendered_text(e, tok, template) not in held_texts]
         report["duplicates"]["removed_from_train_as_held_out_duplicates"] = before - len(train_ex)
+        if not train_ex:
+            raise DataError(f"data.eval: every training row ({before}) also appears in data.eval (same rendered "
+                            "text), so none is left to train on; use different files for data.train and data.eval")
     else:
         train_ex, held = split_held_out(examples, cfg.held_out, recipe.train.seed, tok, template, report)
     encoded, counts = encode_all(train_ex, tok, template, cfg)
