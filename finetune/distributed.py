@@ -75,8 +75,9 @@ def requested_cpu_processes() -> int | None:
     starts = [i for i, a in enumerate(argv) if a == "launch" or a.endswith("accelerate.commands.launch")]
     if not starts:
         return None
-    from accelerate.commands.launch import launch_command_parser
+    from finetune import internals
 
+    launch_command_parser = internals.get("accelerate.commands.launch.launch_command_parser")
     ns, _ = launch_command_parser().parse_known_args(argv[starts[0] + 1:])
     n = ns.num_processes
     if n is None and ns.config_file:
@@ -91,7 +92,10 @@ def requested_cpu_processes() -> int | None:
 def relaunch_cpu_ranks(n: int) -> int:
     """Start n ranks of this same command with torch's elastic launcher (what `accelerate launch --multi_gpu`
     uses) on gloo, wait for them, and return their exit code."""
-    from torch.distributed.run import get_args_parser, run
+    from finetune import internals
+
+    get_args_parser = internals.get("torch.distributed.run.get_args_parser")
+    run = internals.get("torch.distributed.run.run")
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     log.info("accelerate launch --cpu started one process; starting %d CPU ranks (DDP on gloo)", n)

@@ -53,7 +53,9 @@ def render_with_spans(messages, tok, template: ChatTemplate, add_generation_prom
     Templates with `{% generation %}` mark the spans themselves; for a model's own template without
     markers, a reply is what rendering it adds after the generation prompt.
     """
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from finetune import internals
+
+    render_jinja_template = internals.get("transformers.utils.chat_template_utils.render_jinja_template")
 
     def render(msgs, gen):
         out, idx = render_jinja_template(conversations=[msgs], chat_template=template.source,
