@@ -10,13 +10,11 @@ A rename within one filesystem is atomic, so `checkpoint-N` either does not exis
 marker. A directory without a valid marker is never taken as a checkpoint. Old checkpoints are deleted by first
 renaming them out of the `checkpoint-*` namespace, so a half-deleted one can never look complete either.
 
-Imports nothing of ours (see DESIGN.md): train.py and the trainer subclass in guard.py build on it.
+Builds on rundir's hashing and fsync; train.py and the trainer subclass in guard.py build on it.
 """
 
 from __future__ import annotations
 
-from finetune.errors import UserError
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +22,11 @@ import re
 import shutil
 import time
 from pathlib import Path
+
+from finetune import rundir
+from finetune.errors import UserError
+
+file_sha256 = rundir.file_sha256  # one hashing helper for the whole package
 
 log = logging.getLogger("finetune")
 
@@ -68,28 +71,11 @@ def commit(tmp: Path, final: Path, meta: dict | None = None, marker: bool = True
     deleted only once the new directory is in place.
     """
     tmp, final = Path(tmp), Path(final)
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_file(path)
-        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     if marker:
-        body = {"format": 1, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {}), "files": files}
-        marker_path = tmp / COMPLETE_MARKER
-        marker_path.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-        _fsync_file(marker_path)
-    for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(d)
-    _fsync_dir(tmp)
-    old = None
-    if final.exists():
-        old = final.parent / f".old-{final.name}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        body = {"format": 1, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {}),
+                "files": rundir.tree_hashes(tmp)}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    rundir.publish_staged_dir(tmp, final)
     return final
 
 
@@ -97,9 +83,7 @@ def write_marker(ckpt: Path, meta: dict | None = None) -> None:
     """(Re)write the completion marker of an existing directory in place. Used by tests to forge checkpoints."""
     ckpt = Path(ckpt)
     (ckpt / COMPLETE_MARKER).unlink(missing_ok=True)
-    files = {p.relative_to(ckpt).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(ckpt.rglob("*")) if p.is_file()}
-    body = {"format": 1, **(meta or {}), "files": files}
+    body = {"format": 1, **(meta or {}), "files": rundir.tree_hashes(ckpt)}
     (ckpt / COMPLETE_MARKER).write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
 
 
@@ -111,7 +95,7 @@ def remove(ckpt: Path) -> None:
     if doomed.exists():
         shutil.rmtree(doomed)
     os.rename(ckpt, doomed)
-    _fsync_dir(ckpt.parent)
+    rundir.fsync_path(ckpt.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -261,32 +245,3 @@ def safe_torch_load(path: Path):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic there
-        pass
-    finally:
-        os.close(fd)

@@ -137,20 +137,23 @@ def plan(recipe: Path = typer.Argument(..., help="Recipe YAML."),
     """Estimate peak GPU memory before downloading anything; exit 1 if it does not fit."""
     import json as _json
 
-    from finetune.plan import GIB, plan_recipe, parse_size, read_accelerate_config, render
+    from finetune.plan import GIB, parse_size, plan_recipe, read_accelerate_config, render
 
     r = load_recipe(recipe, overrides or [])
     if accelerate_config is not None:
         num_processes, from_cfg = read_accelerate_config(accelerate_config)
         sharding = sharding or from_cfg
+    import torch
+
+    gpu = torch.cuda.is_available()
     if gpu_memory is not None:
         mem = parse_size(gpu_memory)
     else:
-        import torch
-
-        mem = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 24 * GIB
+        mem = torch.cuda.get_device_properties(0).total_memory if gpu else 24 * GIB
+    # The visible GPU's precision (a T4/V100 computes in fp32); without a GPU, plan for one with bf16.
+    bf16 = torch.cuda.is_bf16_supported() if gpu else True
     p = plan_recipe(r, mem, seq_len=seq_len, batch=batch, num_processes=num_processes, sharding=sharding,
-                    shape=shape)
+                    shape=shape, bf16=bf16)
     typer.echo(_json.dumps(p.to_dict(), indent=2) if as_json else render(p))
     if not p.fits:
         raise typer.Exit(1)
@@ -336,11 +339,12 @@ def export(ctx: typer.Context,
                                               "hub repo.")):
     """Export the run: merged HF model, PEFT adapter, GGUF (pure Python) and an Ollama Modelfile.
     Merges first when merged/ is missing or older than the adapter."""
+    from finetune import rundir
     from finetune.export import NEEDS_MERGED, export_run, normalize_formats
-    from finetune.merge import merge_complete, merge_run
+    from finetune.merge import merge_run
 
     wanted = normalize_formats(_split_formats(formats + list(ctx.args)), verify)
-    if any(f in NEEDS_MERGED for f in wanted) and not merge_complete(run_dir):
+    if any(f in NEEDS_MERGED for f in wanted) and not rundir.merged_complete(run_dir):
         typer.echo("merged/ is missing or older than the adapter: merging first", err=True)
         merge_run(run_dir)
     results = export_run(run_dir, wanted, gguf_type=gguf_type, verify=verify, push=push)

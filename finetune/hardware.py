@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from finetune.errors import UserError
+
+
+class HardwareError(UserError, RuntimeError):
+    """The recipe asks for hardware this machine does not have."""
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -24,7 +30,7 @@ class Hardware:
 def detect_hardware(device: str = "auto") -> Hardware:
     cuda = torch.cuda.is_available() and device != "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda was asked for but no CUDA GPU is visible (set train.device: auto)")
+        raise HardwareError("train.device: cuda was asked for but no CUDA GPU is visible (set train.device: auto)")
     return Hardware(
         cuda=cuda,
         bf16=bool(cuda and torch.cuda.is_bf16_supported()),

@@ -8,7 +8,6 @@ Standard library only, so a holder is cheap to start (the tests use that).
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import fcntl
 import json
 import os
@@ -16,6 +15,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+from finetune.errors import UserError
 
 LOCK_NAME = ".finetune.lock"
 

@@ -11,12 +11,8 @@ model on a probe set (KL of the next-token distributions, argmax agreement, max 
 
 from __future__ import annotations
 
-from finetune.errors import UserError
-import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +21,16 @@ import torch
 
 from finetune import rundir
 from finetune.data import prompt_ids, render_ids_and_mask
+from finetune.errors import UserError
 from finetune.hardware import Hardware, Precision, detect_hardware
-from finetune.models import BaseSource, keep_training_nf4_layout, load_base, resize_for_tokenizer
+from finetune.models import (BaseSource, dequantize_4bit_layers, four_bit_modules, keep_training_nf4_layout, load_base,
+                             resize_for_tokenizer)
 from finetune.recipe import Recipe, load_resolved
 from finetune.report import write_report
 from finetune.templates import ChatTemplate, saved_template
 
 log = logging.getLogger("finetune")
 
-MARKER = ".complete"
 BASES = ("dequantized", "original")
 MAX_PROBES = 8
 MAX_PROBE_TOKENS = 192
@@ -73,9 +70,8 @@ def read_run(run: Path) -> RunInfo:
     from transformers import AutoTokenizer
 
     run = Path(run)
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise MergeError(f"{adapter}: no finished adapter here; run `finetune train` first (or check the run directory)")
+    adapter = run / rundir.ADAPTER
+    rundir.check_adapter(run)  # one line naming a damaged file, not a safetensors traceback later
     recipe = load_resolved(run / "resolved.yaml")
     manifest = rundir.read_manifest(run)
     base = manifest.get("base") or {}
@@ -92,75 +88,8 @@ def read_run(run: Path) -> RunInfo:
     return RunInfo(run, recipe, source, precision, template, tok)
 
 
-def _adapter_sha(run: Path) -> str:
-    h = hashlib.sha256()
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        h.update((Path(run) / "adapter" / name).read_bytes())
-    return h.hexdigest()
-
-
-def merge_complete(run: Path) -> bool:
-    """merged/ was finished (its marker is written last) from the adapter that is in adapter/ now."""
-    run = Path(run)
-    marker = run / "merged" / MARKER
-    adapter = run / "adapter" / "adapter_model.safetensors"
-    if not marker.is_file() or not adapter.is_file():
-        return False
-    try:
-        info = json.loads(marker.read_text())
-    except ValueError:
-        return False
-    return marker.stat().st_mtime >= adapter.stat().st_mtime and info.get("adapter_sha256") == _adapter_sha(run)
-
-
 # ---------------------------------------------------------------------------------------------
 # Layers: dequantise, refuse 4-bit, merge
-
-
-def four_bit_modules(model) -> list[str]:
-    """Names of modules whose weight is still packed 4-bit (bitsandbytes Params4bit)."""
-    return [name for name, mod in model.named_modules()
-            if type(getattr(mod, "weight", None)).__name__ == "Params4bit"]
-
-
-def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
-    """Replace every bitsandbytes Linear4bit by a plain Linear holding dequant(NF4(W)) in `dtype`.
-
-    One layer at a time, so the packed weights are freed as the dense ones appear and peak memory stays
-    near one dense copy of the model.
-    """
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
-    for name, mod in targets:
-        if getattr(mod.weight.quant_state, "packing_format_for_cpu", False):
-            raise MergeError(f"{name}: bitsandbytes repacked this layer for its CPU kernel (bf16 scales), so its "
-                             "training-time NF4 weights are lost; call keep_training_nf4_layout before any forward")
-        w = dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
-        dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                device=w.device, dtype=dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w.reshape(mod.out_features, mod.in_features))
-            if mod.bias is not None:
-                dense.bias.copy_(mod.bias.to(dtype))
-        dense.requires_grad_(False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
-        del w
-    _forget_quantization(model)
-    return len(targets)
-
-
-def _forget_quantization(model) -> None:
-    """Detach transformers' bnb quantizer so the model saves and reloads as a plain dense checkpoint."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quantizer = getattr(inner, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(inner)
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if getattr(inner, attr, False):
-            setattr(inner, attr, False)
 
 
 def merge_lora(peft_model):
@@ -371,19 +300,11 @@ def merge_run(run: Path, base: str = "dequantized") -> Path:
     del ref_logits
     fid["summary"] = fidelity_summary(fid)
 
-    # 4. Save atomically: a temp dir renamed into place, the completion marker last.
-    out = run / "merged"
-    for stale in run.glob(".merged.tmp*"):  # left by a merge that was killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = run / f".merged.tmp{os.getpid()}"
-    try:
+    # 4. Save atomically: a temp dir renamed into place, the completion marker (which adapter) last.
+    with rundir.publishing_dir(run / rundir.MERGED, rundir.MARKER, rundir.merged_marker_body(run, base)) as tmp:
         _save(merged, tok, template, tmp)
         rundir.write_json(tmp / "fidelity.json", fid)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    (out / MARKER).write_text(json.dumps({"adapter_sha256": _adapter_sha(run), "base": base, "time": rundir.now()}))
+    out = run / rundir.MERGED
     rundir.add_event(run, "merge", base=base, seconds=round(time.time() - started, 1))
     print(fid["summary"], flush=True)
     if base == "original":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import importlib.util
 import json
 import logging
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from finetune import distributed
-from finetune.checkpoints import file_sha256
+from finetune import distributed, rundir
+from finetune.errors import UserError
+from finetune.rundir import file_sha256
 from finetune.recipe import BUILTIN_PREFIX
 
 log = logging.getLogger("finetune")
@@ -37,8 +37,7 @@ class BaseSource:
     """The original .gguf file, when the base was one."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+cache_root = rundir.cache_root
 
 
 def builtin_gguf(name: str) -> Path:
@@ -78,15 +77,29 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantise a GGUF checkpoint into an HF safetensors directory, cached by the file's sha256.
 
     bitsandbytes quantises from a plain floating-point checkpoint, and merge must reload exactly the same
-    source weights, so the GGUF is converted once and both read the converted copy.
+    source weights, so the GGUF is converted once and both read the converted copy. The conversion reads a
+    file we did not write with native code (tokenizers, numpy on memory-mapped tensors), so it runs in a child
+    process (finetune.isolate): a crash there is one line naming the file, not the end of this process.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from finetune import isolate
 
+    gguf = Path(gguf)
     out = cache_root() / "gguf" / file_sha256(gguf)[:16]
     if (out / ".complete").is_file():
         return out
     log.info("converting %s to an HF checkpoint in %s (once)", gguf.name, out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    isolate.call(_convert_gguf, str(gguf), str(tmp), what=f"converting {gguf} to an HF checkpoint (is it a whole, "
+                 "LLaMA-family GGUF file?)", runtime="transformers", tag="gguf-base")
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+def _convert_gguf(gguf: str, tmp: str) -> None:
+    """The conversion itself; runs in the child process gguf_to_hf_dir starts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf, tmp = Path(gguf), Path(tmp)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF quantizer stays attached after loading and makes save_pretrained refuse; the weights are
@@ -98,8 +111,6 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / ".complete").write_text(json.dumps({"source": str(gguf)}))
-    tmp.rename(out) if not out.exists() else None
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,3 +344,57 @@ def resize_for_tokenizer(model, tok) -> None:
     """Grow the embeddings if fix_pad_token had to add a token (rare)."""
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense copies of 4-bit layers (merge writes them; eval decodes with them on a CPU)
+
+
+class NF4LayoutError(UserError):
+    """A 4-bit layer no longer holds the NF4 weights training used (bitsandbytes repacked it)."""
+
+
+def four_bit_modules(model) -> list[str]:
+    """Names of modules whose weight is still packed 4-bit (bitsandbytes Params4bit)."""
+    return [name for name, mod in model.named_modules()
+            if type(getattr(mod, "weight", None)).__name__ == "Params4bit"]
+
+
+def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes Linear4bit by a plain Linear holding dequant(NF4(W)) in `dtype`.
+
+    One layer at a time, so the packed weights are freed as the dense ones appear and peak memory stays
+    near one dense copy of the model.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    for name, mod in targets:
+        if getattr(mod.weight.quant_state, "packing_format_for_cpu", False):
+            raise NF4LayoutError(f"{name}: bitsandbytes repacked this layer for its CPU kernel (bf16 scales), so its "
+                             "training-time NF4 weights are lost; call keep_training_nf4_layout before any forward")
+        w = dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
+        dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                device=w.device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w.reshape(mod.out_features, mod.in_features))
+            if mod.bias is not None:
+                dense.bias.copy_(mod.bias.to(dtype))
+        dense.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        del w
+    _forget_quantization(model)
+    return len(targets)
+
+
+def _forget_quantization(model) -> None:
+    """Detach transformers' bnb quantizer so the model saves and reloads as a plain dense checkpoint."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(inner)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(inner, attr, False):
+            setattr(inner, attr, False)

@@ -3,16 +3,18 @@ and up to date, so a re-run after a crash continues where it stopped.
 
 Up to date means: complete by the stage's own test, and not older than the output of the stage before it
 (make's rule). Deleting merged/ therefore re-runs merge and every stage after it, and nothing before.
-This is the only module, besides the CLI, that imports more than one stage.
+Whether a stage is complete and up to date is the run directory's to say (finetune/rundir.py); this module
+only chains the stages, as the CLI does.
 """
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import rundir
+from finetune.errors import UserError
 from finetune.recipe import Recipe, load_resolved
 
 STAGES = ("train", "merge", "eval", "export")
@@ -34,14 +36,6 @@ class StageOutcome:
     def line(self) -> str:
         took = f" in {self.seconds:.0f} s" if self.ran else ""
         return f"[{self.stage}] {'ran' if self.ran else 'skipped'}{took}: {self.why}"
-
-
-def newest_mtime(path: Path) -> float:
-    """The last time anything under `path` was written (0 if it does not exist)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_mtime
-    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0) if path.is_dir() else 0.0
 
 
 def training_changes(recipe: Recipe, run: Path) -> list[str]:
@@ -66,9 +60,9 @@ def _has_checkpoints(run: Path) -> bool:
 
 
 def stage_train(recipe: Recipe, recipe_path, overrides, run: Path) -> StageOutcome:
-    from finetune.train import adapter_complete, train
+    from finetune.train import train
 
-    if adapter_complete(run):
+    if rundir.adapter_complete(run):
         changes = training_changes(recipe, run)
         if changes:
             raise PipelineError(f"{run}: holds an adapter trained with a different recipe ({'; '.join(changes[:4])}); "
@@ -80,10 +74,10 @@ def stage_train(recipe: Recipe, recipe_path, overrides, run: Path) -> StageOutco
 
 
 def stage_merge(run: Path) -> StageOutcome:
-    from finetune.merge import merge_complete, merge_run
+    from finetune.merge import merge_run
 
-    # merge_complete also checks that merged/ came from the adapter in adapter/ now.
-    if merge_complete(run) and newest_mtime(run / "merged") >= newest_mtime(run / "adapter"):
+    # merged_complete also checks that merged/ came from the adapter in adapter/ now.
+    if rundir.merged_complete(run) and rundir.newer_than(run / rundir.MERGED, run / rundir.ADAPTER):
         return StageOutcome("merge", False, "merged/ is complete and newer than the adapter")
     merge_run(run)
     return StageOutcome("merge", True, "merged into the dequantized base")
@@ -96,7 +90,7 @@ def stage_eval(recipe: Recipe, run: Path) -> StageOutcome:
     held = run / "held_out.jsonl"
     if not recipe.eval.tasks and not (held.is_file() and held.stat().st_size):
         return StageOutcome("eval", False, "nothing to evaluate (no eval.tasks and no held-out rows)")
-    if eval_complete(run, recipe) and newest_mtime(results) >= newest_mtime(run / "merged"):
+    if eval_complete(run, recipe) and rundir.newer_than(results, run / rundir.MERGED):
         return StageOutcome("eval", False, "results.json is up to date for this eval section")
     evaluate_run(run, recipe=recipe)
     return StageOutcome("eval", True, f"wrote {results}")
@@ -108,7 +102,7 @@ def stage_export(recipe: Recipe, run: Path) -> StageOutcome:
         return StageOutcome("export", False, "the recipe has no export formats")
     from finetune.export import export_complete, export_run
 
-    if export_complete(run, ex.formats, ex.gguf_type) and newest_mtime(run / "export") >= newest_mtime(run / "merged"):
+    if export_complete(run, ex.formats, ex.gguf_type) and rundir.newer_than(run / rundir.EXPORT, run / rundir.MERGED):
         return StageOutcome("export", False, f"{', '.join(ex.formats)} complete and newer than merged/")
     export_run(run, ex.formats, ex.gguf_type, ex.verify, None)
     return StageOutcome("export", True, f"exported {', '.join(ex.formats)}")

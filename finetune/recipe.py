@@ -7,7 +7,6 @@ one line each, as `FILE: field.path: message (got VALUE)`.
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import difflib
 import re
 from pathlib import Path
@@ -16,9 +15,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from finetune.errors import UserError
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+"""A data file may be compressed: data.jsonl.gz reads as data.jsonl."""
 
 
 class RecipeError(UserError):
@@ -52,7 +55,8 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off unless you trust its author."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel; auto picks flash_attention_2 only if asked, else sdpa."""
+    """Attention kernel. auto is sdpa (PyTorch's scaled-dot-product attention), always; flash_attention_2 is used
+    only when named here, and falls back to sdpa with a warning without CUDA and the flash-attn package."""
 
     @field_validator("base")
     @classmethod
@@ -210,7 +214,7 @@ class TrainSection(_Section):
     save_total_limit: int | None = Field(2, gt=0)
     """Keep at most this many checkpoints (oldest deleted first)."""
     eval_steps: int | None = Field(None, gt=0)
-    """Compute held-out loss every N steps (default: once per logging window of 10% of the run)."""
+    """Compute held-out loss every N optimizer steps (default: every fifth of the run, total_steps // 5)."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
     """Experiment trackers; tensorboard writes event files into the run directory."""
     on_nan: Literal["stop", "skip_step"] = "stop"
@@ -509,6 +513,8 @@ def _check_paths(recipe: Recipe) -> list[str]:
 def looks_local(path: str) -> bool:
     """A data path is local if it exists, has a data-file suffix, or is written as a path; else a hub id."""
     p = Path(path)
+    if p.suffix in COMPRESSED_SUFFIXES:
+        p = p.with_suffix("")
     return p.exists() or p.suffix in LOCAL_DATA_SUFFIXES or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
 
 

@@ -7,10 +7,8 @@ experiment, so it is refused (unless --force) with the list of what changed.
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import yaml
 
 from finetune import checkpoints as ck
 from finetune import rundir
+from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
 
@@ -103,9 +102,7 @@ def trim_log(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    rundir.write_text(path, "".join(k + "\n" for k in kept))
 
 
 def _diff(a, b, prefix: str = ""):

@@ -23,9 +23,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from finetune.errors import UserError
+
 log = logging.getLogger("finetune")
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "gguf")
+
+
+def cache_root() -> Path:
+    """Where finetune keeps what outlives a run: converted GGUF bases, tokenised data (FINETUNE_CACHE)."""
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
 def is_main_process() -> bool:
@@ -64,6 +71,128 @@ def now() -> str:
 def read_manifest(run: Path) -> dict:
     p = Path(run) / "manifest.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: what each one leaves, and whether it is complete and up to date. Stages learn about each other only
+# through these functions (never by importing another stage or copying its marker names).
+
+ADAPTER, MERGED, EXPORT, EVAL = "adapter", "merged", "export", "eval"
+MARKER = ".complete"
+"""Written last into adapter/ and merged/: JSON with what the directory was made from (and file hashes)."""
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_config.json")
+
+
+class RunDirError(UserError):
+    """The run directory is in a state we must not write over or read from; the message says what to do."""
+
+
+def newest_mtime(path: Path) -> float:
+    """The last time anything under `path` was written (0 if it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_mtime
+    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0) if path.is_dir() else 0.0
+
+
+def newer_than(output: Path, *inputs: Path) -> bool:
+    """make's rule: `output` exists and nothing under `inputs` was written after it."""
+    out = newest_mtime(output)
+    return out > 0 and all(out >= newest_mtime(i) for i in inputs)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under `root` (the body of a completion marker)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def read_marker(directory: Path) -> dict | None:
+    try:
+        body = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def adapter_sha(run: Path) -> str | None:
+    """One hash of the adapter's weights and config: what merged/ and export/ record they were made from."""
+    files = [Path(run) / ADAPTER / name for name in ADAPTER_WEIGHTS]
+    if not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def adapter_complete(run: Path) -> bool:
+    """adapter/ holds the weights and config (train publishes the directory whole, its marker inside)."""
+    return all((Path(run) / ADAPTER / name).is_file() for name in ADAPTER_WEIGHTS)
+
+
+def check_adapter(run: Path) -> None:
+    """Raise a one-line RunDirError when a file of adapter/ no longer matches the hash its marker recorded
+    (a damaged disk, a partial copy, a hand edit), instead of a library traceback later."""
+    adapter = Path(run) / ADAPTER
+    if not adapter_complete(run):
+        raise RunDirError(f"{adapter}: no finished adapter here; run `finetune train` first (or check the path)")
+    marker = read_marker(adapter)
+    if marker is None or "files" not in marker:  # written before markers existed: nothing to compare with
+        return
+    for name, want in marker["files"].items():
+        path = adapter / name
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing, but {adapter / MARKER} lists it; copy the whole adapter/ directory "
+                              "again, or train again")
+        if path.stat().st_size != want["bytes"] or file_sha256(path) != want["sha256"]:
+            raise RunDirError(f"{path}: does not match the sha256 recorded in {adapter / MARKER} when it was written "
+                              "(damaged or replaced); restore it from a copy, or train again (the latest checkpoint "
+                              "in checkpoints/ also holds the adapter)")
+
+
+def adapter_marker_body(adapter: Path) -> dict:
+    return {"written": now(), "files": tree_hashes(adapter)}
+
+
+def merged_complete(run: Path) -> bool:
+    """merged/ was finished (its marker is written last) from the adapter that is in adapter/ now."""
+    marker = read_marker(Path(run) / MERGED)
+    return marker is not None and marker.get("adapter_sha256") == adapter_sha(run) and adapter_sha(run) is not None
+
+
+def merged_marker_body(run: Path, base: str) -> dict:
+    return {"adapter_sha256": adapter_sha(run), "base": base, "time": now()}
+
+
+def merged_token(run: Path) -> str | None:
+    """What an export records it was made from: the merged/ marker's text (changes with every merge)."""
+    marker = Path(run) / MERGED / MARKER
+    return marker.read_text(encoding="utf-8") if marker.is_file() else None
+
+
+def eval_complete(run: Path, config: dict) -> bool:
+    """eval/results.json exists, was computed with this eval `config`, and is newer than the weights it scored."""
+    res = Path(run) / EVAL / "results.json"
+    if not res.is_file() or not (Path(run) / EVAL / "table.md").is_file():
+        return False
+    try:
+        old = json.loads(res.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    if old.get("config") != config:
+        return False
+    weights = [Path(run) / ADAPTER] + ([Path(run) / MERGED] if "merged" in old.get("models", []) else [])
+    return all(res.stat().st_mtime >= newest_mtime(w) for w in weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,25 +235,45 @@ def publishing_dir(path: Path, marker: str | None = None, marker_body: dict | No
     completion `marker` (if any) is written last, and the directory is renamed to `path`. An existing `path` is
     moved aside first and deleted only once the new one is in place. On failure nothing of it remains."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer that was killed (not a live one)
+        if not _pid_alive(stale.name.rpartition(".tmp")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
         yield tmp
         if marker is not None:
             (tmp / marker).write_text(json.dumps(marker_body or {}, indent=1, default=str) + "\n", encoding="utf-8")
-        for p in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            fsync_path(p)
-        fsync_path(tmp)
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        if path.exists():
-            os.rename(path, old)
-        os.rename(tmp, path)
-        fsync_path(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_staged_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_staged_dir(tmp: Path, path: Path) -> None:
+    """fsync every file and directory under `tmp`, then rename it to `path` (for writers that stage a directory
+    themselves, like the Trainer's checkpoint save). An existing `path` is moved aside first and deleted only
+    once the new one is in place, so some complete version is always there."""
+    tmp, path = Path(tmp), Path(path)
+    for p in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(p)
+    fsync_path(tmp)
+    old = path.with_name(f".old-{path.name}")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text(path: Path, text: str) -> None:

@@ -21,6 +21,13 @@ from pathlib import Path
 
 import yaml
 
+from finetune.errors import UserError
+
+
+class TemplateError(UserError, ValueError):
+    """A template that cannot be used as asked (missing, or `tokenizer` on a tokenizer without one)."""
+
+
 TOKENIZER_TEMPLATE = "tokenizer"
 _HEADER = re.compile(r"^\{#-?\s*finetune\s*\n(.*?)\n\s*-?#\}", re.S)
 
@@ -109,12 +116,12 @@ def load_template(name: str, tokenizer=None) -> ChatTemplate:
     if name == TOKENIZER_TEMPLATE:
         source = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
         if not source:
-            raise ValueError("data.template: `tokenizer` was asked for, but the tokenizer has no chat template; "
+            raise TemplateError("data.template: `tokenizer` was asked for, but the tokenizer has no chat template; "
                              "choose a template from data_templates/")
         return ChatTemplate(name="tokenizer", source=source, end_of_turn=_guess_end_token(source, tokenizer))
     path = _template_path(name)
     if not path.is_file():
-        raise ValueError(f"data.template: {template_problem(name)} (got {name!r})")
+        raise TemplateError(f"data.template: {template_problem(name)} (got {name!r})")
     return _load_file(str(path.resolve()), path.stat().st_mtime)
 
 

@@ -5,20 +5,19 @@ Reads top to bottom: setup (run dir, hardware, tokenizer, data, model) -> train 
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import json
 import logging
 import math
 import os
 import shlex
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import checkpoints as ck
 from finetune import data as data_mod
-from finetune import distributed
+from finetune import distributed, rundir
 from finetune import resume as resume_mod
-from finetune import rundir
 from finetune.hardware import choose_precision, detect_hardware
 from finetune.models import (align_special_ids, attach_lora, load_base, load_tokenizer, resize_for_tokenizer,
                              resolve_base)
@@ -29,17 +28,12 @@ from finetune.templates import check_tokenizer_supports, load_template
 log = logging.getLogger("finetune")
 
 
-class RunDirError(UserError):
-    """The output directory is in a state we must not write over."""
-
-
-def adapter_complete(run: Path) -> bool:
-    return (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter" / "adapter_config.json").is_file()
+RunDirError = rundir.RunDirError
 
 
 def check_run_dir(run: Path, resume: bool) -> None:
     # Checkpoints (complete ones only) are judged by resume.plan, under the run lock.
-    if adapter_complete(run) and not resume:
+    if rundir.adapter_complete(run) and not resume:
         raise RunDirError(f"{run}: already holds a finished adapter; choose another output_dir "
                           f"(e.g. output_dir={run}-2) or delete {run} to train again")
 
@@ -200,105 +194,155 @@ def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False, force: 
 
 
 def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, overrides: list[str], lock) -> Path:
-    from finetune.errors import NonFiniteError, TrainingInterrupted
+    """The recipe, step by step: each step is one function below, in this order."""
+    r = setup(recipe, recipe_path, resume, force, overrides, lock)
+    prepared = prepare_data(r)
+    model = build_model(r)
+    trainer = build_trainer(r, prepared, model)
+    run_trainer(r, trainer, model)
+    save_adapter(r, trainer, model)
+    return r.run
 
+
+@dataclass
+class Session:
+    """What the steps of one training run share: decided in setup, read by the steps after it."""
+
+    recipe: Recipe
+    recipe_path: str | Path
+    overrides: list[str]
+    run: Path
+    main: bool
+    command: str
+    lock: object
+    resume: object = None
+    hw: object = None
+    precision: object = None
+    checkpointing: bool = False
+    checkpointing_why: str = ""
+    source: object = None
+    tok: object = None
+    template: object = None
+    shards: object = None
+    started: float = field(default_factory=time.time)
+
+
+def setup(recipe: Recipe, recipe_path, resume: bool, force: bool, overrides: list[str], lock) -> Session:
+    """Logging, the lock report, the resume decision, hardware and precision, checkpointing, the tokenizer."""
     run = Path(recipe.output_dir)
-    main = rundir.is_main_process()
+    r = Session(recipe, recipe_path, overrides, run, rundir.is_main_process(), resume_command(recipe_path, overrides),
+                lock)
     rundir.setup_logging(run)
-    command = resume_command(recipe_path, overrides)
     if lock is not None and lock.stale:
         gone = "gone" if lock.stale.get("alive") is False else "not running here"
         log.warning("recovered a stale lock left by pid %s (%s)", lock.stale.get("pid"), gone)
         _event(run, "stale_lock_recovered", pid=lock.stale.get("pid"), host=lock.stale.get("host"),
                since=lock.stale.get("started"))
     # Before any model loads: refuse a changed recipe/data, clean partial saves, pick the checkpoint.
-    if main:
-        plan = resume_mod.plan(run, recipe_to_yaml(recipe), data_mod.data_hashes(recipe), resume, force)
+    if r.main:
+        r.resume = resume_mod.plan(run, recipe_to_yaml(recipe), data_mod.data_hashes(recipe), resume, force)
     else:
         latest = ck.latest_complete(run / "checkpoints") if resume else None
-        plan = resume_mod.ResumePlan(latest, ck.step_of(latest) if latest else 0)
-
-    # --- setup: hardware, tokenizer, template
-    hw = detect_hardware(recipe.train.device)
-    precision = choose_precision(recipe, hw)
-    for w in precision.warnings:
+        r.resume = resume_mod.ResumePlan(latest, ck.step_of(latest) if latest else 0)
+    r.hw = detect_hardware(recipe.train.device)
+    r.precision = choose_precision(recipe, r.hw)
+    for w in r.precision.warnings:
         log.warning(w)
     from finetune.plan import checkpointing_for_run
 
-    checkpointing, checkpointing_why = checkpointing_for_run(recipe, hw)
-    log.info("gradient checkpointing %s", checkpointing_why)
+    r.checkpointing, r.checkpointing_why = checkpointing_for_run(recipe, r.hw)
+    log.info("gradient checkpointing %s", r.checkpointing_why)
     problems = distributed.sharding_problems(recipe)
     if problems:
         from finetune.recipe import RecipeError
 
         raise RecipeError([f"{recipe_path}: {p}" for p in problems])
-    source, tok, template = load_tokenizer_and_template(recipe)
+    r.source, r.tok, r.template = load_tokenizer_and_template(recipe)
+    return r
 
-    # --- data
-    prepared = data_mod.prepare(recipe, tok, template)
-    if main:
-        (run / "resolved.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
-        rundir.write_json(run / "data_report.json", prepared.report)
-        data_mod.write_held_out(run / "held_out.jsonl", prepared.held_out)
-        rundir.update_manifest(
-            run,
-            recipe_file=str(recipe_path),
-            recipe_sha256=rundir.sha256_text(Path(recipe_path).read_text(encoding="utf-8")),
-            resolved_sha256=rundir.sha256_text(recipe_to_yaml(recipe)),
-            data_sha256=data_mod.data_hashes(recipe),
-            base={"spec": source.spec, "hf_path": source.hf_path, "gguf_file": source.gguf_file},
-            template=template.name,
-            device=hw.name,
-            precision={"compute_dtype": precision.dtype_name, "bf16": precision.bf16, "fp16": precision.fp16,
-                       "optimizer": precision.optimizer, "attn_implementation": precision.attn_implementation,
-                       "gradient_checkpointing": checkpointing, "gradient_checkpointing_why": checkpointing_why},
-            warnings=list(precision.warnings),
-            versions=rundir.versions(),
-            git_commit=rundir.git_commit(),
-            started=rundir.now(),
-        )
-        print_data_summary(prepared.report, template.name)
-        resume_mod.trim_log(run / "train_log.jsonl", plan.step)
-        if plan.checkpoint is not None:
-            extra = {"forced_despite": plan.changes} if plan.changes else {}
-            _event(run, "resumed", checkpoint=plan.checkpoint.name, step=plan.step, **extra)
-            log.info("resuming from %s (step %d)", plan.checkpoint, plan.step)
 
-    # --- model
-    model = load_base(recipe, source, precision, hw)
-    resize_for_tokenizer(model, tok)
-    for fix in align_special_ids(tok, model):
+def prepare_data(r: Session):
+    """Rows -> encoded examples; on the main process the run directory gets the resolved recipe, the data report,
+    the held-out rows and the manifest, and the reader gets the data summary."""
+    recipe, run = r.recipe, r.run
+    prepared = data_mod.prepare(recipe, r.tok, r.template)
+    if not r.main:
+        return prepared
+    rundir.write_text(run / "resolved.yaml", recipe_to_yaml(recipe))
+    rundir.write_json(run / "data_report.json", prepared.report)
+    data_mod.write_held_out(run / "held_out.jsonl", prepared.held_out)
+    p = r.precision
+    rundir.update_manifest(
+        run,
+        recipe_file=str(r.recipe_path),
+        recipe_sha256=rundir.sha256_text(Path(r.recipe_path).read_text(encoding="utf-8")),
+        resolved_sha256=rundir.sha256_text(recipe_to_yaml(recipe)),
+        data_sha256=data_mod.data_hashes(recipe),
+        base={"spec": r.source.spec, "hf_path": r.source.hf_path, "gguf_file": r.source.gguf_file},
+        template=r.template.name,
+        device=r.hw.name,
+        precision={"compute_dtype": p.dtype_name, "bf16": p.bf16, "fp16": p.fp16, "optimizer": p.optimizer,
+                   "attn_implementation": p.attn_implementation, "gradient_checkpointing": r.checkpointing,
+                   "gradient_checkpointing_why": r.checkpointing_why},
+        warnings=list(p.warnings),
+        versions=rundir.versions(),
+        git_commit=rundir.git_commit(),
+        started=rundir.now(),
+    )
+    print_data_summary(prepared.report, r.template.name)
+    resume_mod.trim_log(run / "train_log.jsonl", r.resume.step)
+    if r.resume.checkpoint is not None:
+        extra = {"forced_despite": r.resume.changes} if r.resume.changes else {}
+        _event(run, "resumed", checkpoint=r.resume.checkpoint.name, step=r.resume.step, **extra)
+        log.info("resuming from %s (step %d)", r.resume.checkpoint, r.resume.step)
+    return prepared
+
+
+def build_model(r: Session):
+    """The 4-bit base (tokenizer-aligned, no KV cache) with LoRA attached, seeded like the run it resumes."""
+    model = load_base(r.recipe, r.source, r.precision, r.hw)
+    resize_for_tokenizer(model, r.tok)
+    for fix in align_special_ids(r.tok, model):
         log.warning(fix)
-        if main:
-            rundir.add_event(run, "tokenizer_fix", detail=fix)
+        if r.main:
+            rundir.add_event(r.run, "tokenizer_fix", detail=fix)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
     # LoRA init draws from the global RNG before the Trainer seeds it: seed here, or two runs of one recipe
     # (and a run and its resume's original) start from different adapters.
     from transformers import set_seed
 
-    set_seed(recipe.train.seed)
-    model = attach_lora(model, recipe, checkpointing)
-    model.peft_config["default"].base_model_name_or_path = source.hf_path
+    set_seed(r.recipe.train.seed)
+    model = attach_lora(model, r.recipe, r.checkpointing)
+    model.peft_config["default"].base_model_name_or_path = r.source.hf_path
+    return model
 
-    # --- train
+
+def build_trainer(r: Session, prepared, model):
+    """TRL's SFTTrainer with our guard (atomic checkpoints, NaN policy), the JSONL log and held-out eval."""
     from finetune.guard import GuardedSFTTrainer
-    from finetune.signals import StopOnSignal
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # per run, even when one process trains twice
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(r.run / "tensorboard")  # per run, even when one process trains twice
     held_ds = None
     if prepared.held_out:
-        held_enc, _ = data_mod.encode_all(prepared.held_out, tok, template, recipe.data.model_copy(update={"too_long": "truncate"}))
-        held_ds = data_mod.to_dataset(held_enc)
-    args = sft_config(recipe, precision, hw, run, held_ds is not None, len(prepared.train), checkpointing)
-    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=prepared.train,
-                                eval_dataset=held_ds, processing_class=tok,
-                                callbacks=[JsonlLogCallback(run / "train_log.jsonl")],
-                                on_nan=recipe.train.on_nan, resume_command=command)
+        data = r.recipe.data.model_copy(update={"too_long": "truncate"})
+        held_ds = data_mod.to_dataset(data_mod.encode_all(prepared.held_out, r.tok, r.template, data)[0])
+    args = sft_config(r.recipe, r.precision, r.hw, r.run, held_ds is not None, len(prepared.train), r.checkpointing)
+    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=held_ds,
+                                processing_class=r.tok, callbacks=[JsonlLogCallback(r.run / "train_log.jsonl")],
+                                on_nan=r.recipe.train.on_nan, resume_command=r.command)
     if not distributed.sharded():  # FSDP/ZeRO-3 flatten adapters with the base: they keep the storage dtype
         keep_adapter_fp32(trainer.model)
-    shards = distributed.ShardRecorder(trainer) if distributed.world_size() > 1 else None
-    started = time.time()
-    total = recipe.train.max_steps or plan.max_steps
+    return trainer
+
+
+def run_trainer(r: Session, trainer, model) -> None:
+    """Train (or publish a finished checkpoint's adapter); a NaN stop or a signal becomes a one-line outcome."""
+    from finetune.errors import NonFiniteError
+    from finetune.signals import StopOnSignal
+
+    plan, total = r.resume, r.recipe.train.max_steps or r.resume.max_steps
+    r.shards = distributed.ShardRecorder(trainer) if distributed.world_size() > 1 else None
+    r.started = time.time()
     try:
         if plan.checkpoint is not None and total and plan.step >= total:
             # The run had finished (killed before adapter/ was written). The Trainer, resumed at its last step,
@@ -310,56 +354,61 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
             trainer.state.global_step = plan.step
             log.info("%s is the final step of this run; writing its adapter", plan.checkpoint.name)
         else:
-            with StopOnSignal(trainer, on_abort=lock.release if lock is not None else None):
+            with StopOnSignal(trainer, on_abort=r.lock.release if r.lock is not None else None):
                 trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     except NonFiniteError as e:
-        last = ck.latest_complete(run / "checkpoints")
-        if main:
-            _event(run, "stopped_non_finite", step=e.step, detail=str(e), last_good_checkpoint=last and last.name)
+        last = ck.latest_complete(r.run / "checkpoints")
+        if r.main:
+            _event(r.run, "stopped_non_finite", step=e.step, detail=str(e), last_good_checkpoint=last and last.name)
         raise NonFiniteError(
             f"{e}. The last good checkpoint is {last or 'none (none was written yet)'}; lower train.learning_rate "
-            f"or check the data near that step, or set train.on_nan: skip_step. Resume with: {command}",
+            f"or check the data near that step, or set train.on_nan: skip_step. Resume with: {r.command}",
             step=e.step) from None
     finally:
-        if main and trainer.skipped_steps:
-            _event(run, "skipped_non_finite_steps", count=len(trainer.skipped_steps), steps=trainer.skipped_steps)
+        if r.main and trainer.skipped_steps:
+            _event(r.run, "skipped_non_finite_steps", count=len(trainer.skipped_steps), steps=trainer.skipped_steps)
+    _stop_if_interrupted(r, trainer)
+
+
+def _stop_if_interrupted(r: Session, trainer) -> None:
+    from finetune.errors import TrainingInterrupted
+
     state = trainer.state
-    if trainer.stop_signal is not None and state.global_step < state.max_steps:
-        import signal
+    if trainer.stop_signal is None or state.global_step >= state.max_steps:
+        return
+    import signal
 
-        name = signal.Signals(trainer.stop_signal).name
-        last = ck.latest_complete(run / "checkpoints")
-        if main:
-            _event(run, "interrupted", signal=name, step=state.global_step, checkpoint=last and last.name)
-        raise TrainingInterrupted(f"{name}: stopped after step {state.global_step} of {state.max_steps}; "
-                                  f"checkpoint written: {last}. Resume with:\n  {command}")
+    name = signal.Signals(trainer.stop_signal).name
+    last = ck.latest_complete(r.run / "checkpoints")
+    if r.main:
+        _event(r.run, "interrupted", signal=name, step=state.global_step, checkpoint=last and last.name)
+    raise TrainingInterrupted(f"{name}: stopped after step {state.global_step} of {state.max_steps}; "
+                              f"checkpoint written: {last}. Resume with:\n  {r.command}")
 
+
+def save_adapter(r: Session, trainer, model) -> None:
+    """Gather (every rank), then publish adapter/ atomically with its marker of file hashes (main process)."""
     # Collectives, on every rank: which examples each rank trained on, and (FSDP/ZeRO-3) the full weights
     # gathered from their shards.
-    shard_summary = shards.summary() if shards is not None else None
+    shard_summary = r.shards.summary() if r.shards is not None else None
     full_state = trainer.accelerator.get_state_dict(trainer.model) if distributed.sharded() else None
-
-    # --- save (atomically: adapter/ either is complete or does not exist)
-    if main:
-        adapter = run / "adapter"
-        try:
-            staging = ck.begin(adapter)
-            try:
-                model.save_pretrained(staging, safe_serialization=True, state_dict=full_state)
-                tok.chat_template = template.source  # one template from training to every export
-                tok.save_pretrained(staging)
-                ck.commit(staging, adapter, marker=False)
-            except BaseException:
-                ck.abort(staging)
-                raise
-        except OSError as e:
-            last = ck.latest_complete(run / "checkpoints")
-            raise ck.CheckpointError(f"could not write {adapter}: {e.strerror or e}; training itself is complete in "
-                                     f"{last}. Free disk space, then this writes the adapter: {command}") from None
-        rundir.update_manifest(run, finished=rundir.now(), train_seconds=round(time.time() - started, 1),
-                               global_step=trainer.state.global_step)
-        if shard_summary:
-            rundir.update_manifest(run, distributed=shard_summary)
-        write_report(run)
-        log.info("adapter written to %s", adapter)
-    return run
+    if not r.main:
+        return
+    adapter = r.run / rundir.ADAPTER
+    try:
+        with rundir.publishing_dir(adapter) as staging:
+            model.save_pretrained(staging, safe_serialization=True, state_dict=full_state)
+            r.tok.chat_template = r.template.source  # one template from training to every export
+            r.tok.save_pretrained(staging)
+            # The marker (sizes + sha256 of every file) lets merge/eval/export name a damaged file in one line.
+            rundir.write_json(staging / rundir.MARKER, rundir.adapter_marker_body(staging))
+    except OSError as e:
+        last = ck.latest_complete(r.run / "checkpoints")
+        raise ck.CheckpointError(f"could not write {adapter}: {e.strerror or e}; training itself is complete in "
+                                 f"{last}. Free disk space, then this writes the adapter: {r.command}") from None
+    rundir.update_manifest(r.run, finished=rundir.now(), train_seconds=round(time.time() - r.started, 1),
+                           global_step=trainer.state.global_step)
+    if shard_summary:
+        rundir.update_manifest(r.run, distributed=shard_summary)
+    write_report(r.run)
+    log.info("adapter written to %s", adapter)

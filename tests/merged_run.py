@@ -45,6 +45,15 @@ def perturb_lora_b(adapter_dir: Path, scale: float = 0.1, seed: int = 0) -> None
         if "lora_B" in k:
             tensors[k] = v + scale * torch.randn(v.shape, generator=g)
     save_file(tensors, path, metadata={"format": "pt"})
+    reseal_adapter(adapter_dir)
+
+
+def reseal_adapter(adapter_dir: Path) -> None:
+    """Record a deliberately edited adapter's files in its completion marker, as train does when it writes one
+    (without this, merge/eval/export rightly refuse the edited file as damaged)."""
+    from finetune import rundir
+
+    rundir.write_json(adapter_dir / rundir.MARKER, rundir.adapter_marker_body(adapter_dir))
 
 
 def build_merged_run(tmp: Path, tiny_model_dir: Path) -> tuple[Path, Path]:

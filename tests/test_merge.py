@@ -76,7 +76,7 @@ def test_merged_equals_adapter_on_dequantized_base_and_differs_from_base(merged)
 
 
 def test_fidelity_report_meets_tolerance(merged):
-    from finetune.merge import merge_complete
+    from finetune.rundir import merged_complete as merge_complete
 
     run, _ = merged
     fid = _fidelity(run)
@@ -140,7 +140,8 @@ def test_bnb_cpu_repack_is_caught(trained):
     from bitsandbytes.functional import has_avx512bf16
 
     from finetune.hardware import detect_hardware
-    from finetune.merge import MergeError, _load_with_adapter, dequantize_4bit_layers, read_run
+    from finetune.merge import _load_with_adapter, read_run
+    from finetune.models import NF4LayoutError, dequantize_4bit_layers
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes only repacks on CPUs with AVX512-BF16")
@@ -151,12 +152,14 @@ def test_bnb_cpu_repack_is_caught(trained):
             m.support_avx512bf16_for_cpu = True
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]))
-    with pytest.raises(MergeError, match="repacked"):
+    with pytest.raises(NF4LayoutError, match="repacked"):
         dequantize_4bit_layers(model, torch.float32)
 
 
 def test_merge_complete_follows_the_adapter(merged, tmp_path):
-    from finetune.merge import merge_complete
+    from merged_run import reseal_adapter
+
+    from finetune.rundir import merged_complete as merge_complete
 
     run, _ = merged
     copy = tmp_path / "run"
@@ -164,6 +167,7 @@ def test_merge_complete_follows_the_adapter(merged, tmp_path):
     assert merge_complete(copy)
     cfg = copy / "adapter" / "adapter_config.json"
     cfg.write_text(cfg.read_text() + "\n")  # a different adapter from the one merged
+    reseal_adapter(copy / "adapter")  # ... written whole, as train would (not a damaged file)
     assert not merge_complete(copy)
     # eval refuses to score a merge of another adapter as "the fine-tuned model", before loading anything.
     from finetune.evaluate import EvalError, evaluate_run

@@ -270,8 +270,11 @@ def test_crash_inside_save_keeps_previous_checkpoint(rel, tmp_path, monkeypatch,
         line = error_line(r)
         assert "No space left on device" in line and "checkpoint-2" in line and "is intact" in line
         assert f"finetune train {recipe} output_dir={c} --resume" in line
-    else:
-        assert isinstance(r.exception, RuntimeError)
+    else:  # unexpected: one line naming it and where the traceback went (the run's log), exit 1
+        assert r.exit_code == 1
+        line = error_line(r)
+        assert "internal error: RuntimeError: injected failure inside the save" in r.output, line
+        assert str(c / "train.log") in line and "injected failure" in (c / "train.log").read_text()
     root = c / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2"], "a partial save was left behind"
     ck.verify(root / "checkpoint-2")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoints import file_sha256  # one hashing helper for the whole package
+from finetune.rundir import file_sha256  # one hashing helper for the whole package
 from finetune.data.encode import Encoded, encode
 from finetune.data.formats import Example, check_turn_order, columns_problem, to_example
 from finetune.data.readers import DataError, RowError, read_records, source_files
@@ -125,9 +125,9 @@ def split_held_out(examples: list[Example], held_out: float, seed: int, tok, tem
 
 def prepare(recipe, tok, template: ChatTemplate, use_cache: bool = True) -> Prepared:
     """Sources -> checked rows -> held-out split -> ids + labels, with a report. Cached by fingerprint."""
-    from finetune import data_cache
+    from finetune.data import cache as data_cache
 
-    key = data_cache.fingerprint(recipe, tok, template) if use_cache else None
+    key = data_cache.fingerprint(recipe, tok, template, data_hashes(recipe)) if use_cache else None
     if key:
         hit = data_cache.load(key)
         if hit is not None:
@@ -238,16 +238,30 @@ def padded_efficiency(lengths: list[int], micro_batch: int) -> float:
 
 
 def packing_efficiency(lengths: list[int], max_length: int) -> float:
-    """Fraction of real tokens in max_length blocks filled best-fit-decreasing (what TRL's BFD packing does)."""
-    bins: list[int] = []
-    for n in sorted(lengths, reverse=True):
-        for i, used in enumerate(bins):
-            if used + n <= max_length:
-                bins[i] += n
-                break
-        else:
-            bins.append(min(n, max_length))
-    return float(sum(min(n, max_length) for n in lengths) / (len(bins) * max_length)) if bins else 0.0
+    """Fraction of the max_length blocks that real tokens fill when TRL packs these rows (`packing_strategy="bfd"`).
+
+    The blocks are counted by TRL's own `pack_dataset`, as SFTTrainer calls it: best-fit-decreasing within each
+    `datasets.map` batch of 1000 rows (not over the whole dataset), rows longer than max_length truncated."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from trl.data_utils import pack_dataset
+
+    lengths = [n for n in lengths if n > 0]
+    if not lengths:
+        return 0.0
+    # Only the lengths matter: one-byte dummy tokens, so this costs one byte per token, not a Python list.
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    column = pa.LargeListArray.from_arrays(offsets, pa.array(np.zeros(int(offsets[-1]), dtype=np.int8)))
+    rows = datasets.Dataset(datasets.table.InMemoryTable(pa.table({"input_ids": column})))
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        blocks = len(pack_dataset(rows, max_length, strategy="bfd"))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return float(sum(min(n, max_length) for n in lengths) / (blocks * max_length))
 
 
 def to_dataset(encoded: list[Encoded]):

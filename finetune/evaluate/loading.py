@@ -30,17 +30,19 @@ class RunContext:
 
 
 def open_run(run: Path | str) -> RunContext:
+    from transformers import AutoTokenizer
+
     from finetune import rundir
     from finetune.evaluate.generation import stop_token_ids
     from finetune.hardware import choose_precision, detect_hardware
     from finetune.templates import saved_template
-    from transformers import AutoTokenizer
 
     run = Path(run)
     if not (run / "resolved.yaml").is_file():
         raise EvalError(f"{run}: not a run directory (no resolved.yaml); give the output_dir of a trained run")
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    if not rundir.adapter_complete(run):
         raise EvalError(f"{run}: has no adapter yet; run `finetune train` (or `finetune run`) first")
+    rundir.check_adapter(run)  # a damaged adapter file: one line naming it, not a safetensors traceback
     recipe = load_resolved(run / "resolved.yaml")
     # The adapter's tokenizer is the one training used: pad fix applied, the run's chat template inside.
     tok = AutoTokenizer.from_pretrained(run / "adapter")
@@ -53,9 +55,9 @@ def open_run(run: Path | str) -> RunContext:
 
 def merged_ready(run: Path) -> bool:
     """merged/ is complete and was merged from the adapter now in adapter/ (an older merge is another model)."""
-    from finetune.merge import merge_complete
+    from finetune import rundir
 
-    return merge_complete(Path(run))
+    return rundir.merged_complete(Path(run))
 
 
 def load_tuned(ctx: RunContext, dense_on_cpu: bool = True):
@@ -86,7 +88,7 @@ def densify_4bit_on_cpu(model, dtype) -> int:
     import bitsandbytes as bnb
     import torch
 
-    from finetune.merge import dequantize_4bit_layers  # the merge's own dequantisation: the same dense weights
+    from finetune.models import dequantize_4bit_layers  # what merge uses too: the same dense weights
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     dense_bytes = sum(m.in_features * m.out_features for m in layers) * torch.finfo(dtype).bits // 8

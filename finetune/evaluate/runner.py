@@ -8,8 +8,6 @@ bootstrap, write eval/. The 4-bit base is loaded once and serves as both "base" 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -24,7 +22,7 @@ log = logging.getLogger("finetune")
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return rundir.file_sha256(path) if path.is_file() else ""
 
 
 def default_tasks(recipe, run: Path):
@@ -52,33 +50,16 @@ def _models(which: str) -> list[str]:
     return ["base"] + (["adapter"] if which in ("adapter", "both") else []) + (["merged"] if which in ("merged", "both") else [])
 
 
-def newest_mtime(path: Path) -> float:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_mtime
-    times = [p.stat().st_mtime for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-    return max(times, default=0.0)
-
-
 def eval_complete(run: Path, recipe=None, limit: int | None = None, model: str | None = None) -> bool:
     """results.json exists, was computed with this eval config, and is newer than the weights it scored."""
     from finetune.recipe import load_resolved
 
     run = Path(run)
-    res = run / "eval" / "results.json"
-    if not res.is_file() or not (run / "eval" / "table.md").is_file():
-        return False
     if recipe is None:
+        if not (run / "resolved.yaml").is_file():
+            return False
         recipe = load_resolved(run / "resolved.yaml")
-    try:
-        old = json.loads(res.read_text(encoding="utf-8"))
-    except ValueError:
-        return False
-    if old.get("config") != eval_config(recipe, run, limit, model):
-        return False
-    models = old.get("models", [])
-    weights = [run / "adapter"] + ([run / "merged"] if "merged" in models else [])
-    return all(res.stat().st_mtime >= newest_mtime(w) for w in weights)
+    return rundir.eval_complete(run, eval_config(recipe, run, limit, model))
 
 
 def _run_tasks(ctx, model, names: list[str], tasks, items, batch_size, limit, runs, echo) -> None:

@@ -6,10 +6,11 @@ the row needs, the same way training data is reported.
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from finetune.errors import UserError
 
 
 class EvalError(UserError):

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
-from finetune import __version__
+from finetune import __version__, rundir
 
-_CODE_FILES = ("data/readers.py", "data/formats.py", "data/encode.py", "data/prepare.py", "data_cache.py",
+_CODE_FILES = ("data/readers.py", "data/formats.py", "data/encode.py", "data/prepare.py", "data/cache.py",
                "templates.py")
 
 
 def _code_version() -> str:
     h = hashlib.sha256(__version__.encode())
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the finetune package
     for name in _CODE_FILES:
         h.update((here / name).read_bytes())
     return h.hexdigest()
@@ -39,11 +37,11 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()
 
 
-def fingerprint(recipe, tok, template) -> str:
-    from finetune.data import data_hashes
-
+def fingerprint(recipe, tok, template, data_hashes: dict) -> str:
+    """`data_hashes`: the content hash of every data source (prepare.data_hashes), passed in so that this module
+    imports nothing of the data package (no import cycle)."""
     parts = {
-        "data_files": data_hashes(recipe),
+        "data_files": data_hashes,
         "data_options": recipe.data.model_dump(mode="json"),
         "seed": recipe.train.seed,
         "micro_batch": recipe.train.micro_batch_size,
@@ -57,9 +55,7 @@ def fingerprint(recipe, tok, template) -> str:
 
 
 def _dir(key: str) -> Path:
-    from finetune.models import cache_root
-
-    return cache_root() / "data" / key
+    return rundir.cache_root() / "data" / key
 
 
 def load(key: str):
@@ -76,17 +72,13 @@ def load(key: str):
 
 
 def store(key: str, train, held_rows: list[dict], report: dict) -> None:
-    """Write to a temporary directory and rename, so a crash never leaves a half cache that looks whole."""
+    """Published whole (rundir.publishing_dir), so a crash never leaves a half cache that looks whole."""
     d = _dir(key)
-    tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    train.save_to_disk(str(tmp / "train"))
-    (tmp / "held_out.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held_rows),
-                                        encoding="utf-8")
-    (tmp / "report.json").write_text(json.dumps(report), encoding="utf-8")
-    (tmp / "complete").write_text("")
-    if d.exists():
-        shutil.rmtree(tmp, ignore_errors=True)  # another process stored the same key first
+    if (d / "complete").is_file():  # another process stored the same key first: same content
         return
-    os.replace(tmp, d)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with rundir.publishing_dir(d, marker="complete") as tmp:
+        train.save_to_disk(str(tmp / "train"))
+        (tmp / "held_out.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held_rows),
+                                            encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(report), encoding="utf-8")
