@@ -32,7 +32,22 @@ def _cached_manager(include_path: str | None, defaults: bool):
 
 
 def check_tasks(task) -> None:
-    """Fail before any model loads: unknown task names, or datasets that cannot be reached."""
+    """Fail before any model loads: unknown task names, or datasets that cannot be reached.
+
+    This runs in a child process (finetune.isolate): lm-eval's task index and its dataset loading run native
+    code (pyarrow, datasets) on files we did not write, and a crash there becomes one line naming the task
+    and lm-eval's version instead of the end of the evaluation. The scoring itself (lm_eval_scores) stays in
+    this process: it runs on the model object already loaded here (4-bit, possibly on a GPU), which a child
+    could only get by loading base and adapter again (twice the GPU memory; fork is unsafe once CUDA or the
+    OpenMP pool is up), and its native code is the same torch forward our own scorers run in this process.
+    """
+    from finetune import isolate
+
+    isolate.call(_check_tasks_here, task, runtime="lm-eval", tag="lm-eval",
+                 what=f"loading lm-eval task(s) {', '.join(task.lm_eval_tasks)} of eval task {task.name}")
+
+
+def _check_tasks_here(task) -> None:
     tm = _manager(task)
     known = set(tm.all_tasks)
     for name in task.lm_eval_tasks:

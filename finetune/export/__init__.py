@@ -12,16 +12,14 @@ Export reads merged/ but never merges: the CLI (or `finetune run`) runs `finetun
 
 from __future__ import annotations
 
-from finetune.errors import UserError
-import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-
 from finetune import rundir
+from finetune.errors import UserError
 from finetune.recipe import load_resolved
 from finetune.report import write_report
 from finetune.templates import ChatTemplate, saved_template
@@ -30,8 +28,6 @@ log = logging.getLogger("finetune")
 
 FORMATS = ("hf", "adapter", "gguf", "ollama")
 NEEDS_MERGED = ("hf", "gguf", "ollama")
-MERGED_MARKER = ".complete"
-"""Written last by `finetune merge` into merged/ (finetune/merge.py)."""
 
 
 class ExportError(UserError):
@@ -49,23 +45,9 @@ def normalize_formats(formats: list[str], verify: bool = False) -> list[str]:
     return [f for f in FORMATS if f in wanted]
 
 
-def _merged_token(run: Path) -> str | None:
-    marker = run / "merged" / MERGED_MARKER
-    return marker.read_text() if marker.is_file() else None
-
-
-def _adapter_token(run: Path) -> str | None:
-    files = [run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"]
-    if not all(f.is_file() for f in files):
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def _source_token(run: Path, fmt: str) -> str | None:
-    return _adapter_token(run) if fmt == "adapter" else _merged_token(run)
+    # What the export was made from, as the run directory records it (its merge marker, or the adapter's hash).
+    return rundir.adapter_sha(run) if fmt == "adapter" else rundir.merged_token(run)
 
 
 def export_complete(run: Path, formats: list[str], gguf_type: str = "f16") -> bool:
@@ -170,20 +152,8 @@ def export_run(run: Path, formats: list[str], gguf_type: str = "f16", verify: bo
     """Export the run in each format; returns {format: path} (and "verify": the result dict when asked)."""
     from transformers import AutoTokenizer
 
-    from finetune.export.gguf import GGUF_TYPES, GGUFExportError, write_gguf
-    from finetune.export.ollama import TemplateTranslationError, modelfile, translate
-
     run = Path(run)
-    formats = normalize_formats(list(formats), verify)
-    if gguf_type not in GGUF_TYPES:
-        raise ExportError(f"--gguf-type: must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})")
-    if push and "hf" not in formats:
-        raise ExportError("--push: add --format hf (the merged model is what gets pushed)")
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        raise ExportError(f"{run / 'adapter'}: no finished adapter here; run `finetune train` first")
-    merged = run / "merged"
-    if any(f in NEEDS_MERGED for f in formats) and _merged_token(run) is None:
-        raise ExportError(f"{merged}: no finished merge; run `finetune merge {run}` first")
+    formats = _check_request(run, formats, gguf_type, verify, push)
     rundir.setup_logging(run, "export.log")
     recipe = load_resolved(run / "resolved.yaml")
     out = run / "export"
@@ -194,63 +164,105 @@ def export_run(run: Path, formats: list[str], gguf_type: str = "f16", verify: bo
     results: dict = {}
     name = run.resolve().name or "model"
 
-    def rel(p: Path) -> str:
-        return str(p.relative_to(run))
-
     if "hf" in formats:
-        files = _link_tree(merged, out / "hf")
-        results["hf"] = out / "hf"
-        done["hf"] = {"source": _merged_token(run), "files": [rel(out / "hf" / f) for f in files]}
-        if push:
-            results["push"] = push_to_hub(out / "hf", push)
-            done["hf"]["pushed_to"] = push
+        _export_hf(run, out / "hf", push, results, done)
     if "adapter" in formats:
         results["adapter"] = export_adapter(run, out / "adapter")
-        done["adapter"] = {"source": _adapter_token(run), "files": [rel(out / "adapter" / "adapter_config.json")]}
+        done["adapter"] = {"source": rundir.adapter_sha(run), "files": [_rel(run, out / "adapter" / "adapter_config.json")]}
 
+    merged = run / "merged"
     tok = AutoTokenizer.from_pretrained(merged if merged.is_dir() else run / "adapter")
     template = saved_template(recipe.data.template, tok)
     gguf_path = out / "gguf" / f"{name}-{gguf_type}.gguf"
     if "gguf" in formats:
-        try:
-            res = write_gguf(merged, gguf_path, gguf_type, chat_template=template.source,
-                             end_token=template.end_token(tok), name=name)
-        except GGUFExportError as e:
-            raise ExportError(str(e)) from None
-        results["gguf"] = gguf_path
-        done["gguf"] = {"source": _merged_token(run), "gguf_type": gguf_type, "files": [rel(gguf_path)],
-                        "fallbacks": res.fallbacks}
-        log.info("gguf: wrote %s (%d tensors, %s%s)", gguf_path, res.tensors, gguf_type,
-                 f"; {len(res.fallbacks)} tensors fell back to f16" if res.fallbacks else "")
+        results["gguf"] = _export_gguf(run, gguf_path, gguf_type, tok, template, name, done)
     if "ollama" in formats:
-        def render(messages, gen):
-            return tok.apply_chat_template(messages, chat_template=template.source, tokenize=False,
-                                           add_generation_prompt=gen)
-        try:
-            go, note = translate(render), None
-        except TemplateTranslationError as e:
-            go, note = None, str(e)
-            log.warning("ollama: the chat template could not be translated (%s); the Modelfile has no TEMPLATE, "
-                        "so Ollama would use its default. Write one by hand before `ollama create`.", e)
-        mf = out / "gguf" / "Modelfile"
-        mf.write_text(modelfile(gguf_path.name, go, template.stop_tokens(tok), recipe.data.system_prompt, name, note),
-                      encoding="utf-8")
-        results["ollama"] = mf
-        done["ollama"] = {"source": _merged_token(run), "gguf_type": gguf_type, "files": [rel(mf), rel(gguf_path)],
-                          "template_translated": go is not None}
-        print(f"ollama: cd {mf.parent} && ollama create {name} -f Modelfile && ollama run {name}", flush=True)
+        results["ollama"] = _export_ollama(run, gguf_path, gguf_type, tok, template, recipe, name, done)
     if verify:
-        from finetune.export.verify import VerifyUnavailable, verify_gguf
-
-        seqs, texts = _probes_for_verify(run, tok, template)
-        try:
-            result = verify_gguf(gguf_path, merged, gguf_type, seqs, texts)
-        except VerifyUnavailable as e:
-            raise ExportError(str(e)) from None
-        rundir.write_json(out / "verify.json", result)
-        results["verify"] = result
-        print(result["summary"], flush=True)
+        results["verify"] = _verify(run, gguf_path, gguf_type, tok, template)
     rundir.write_json(record_path, record)
     rundir.add_event(run, "export", formats=",".join(formats), gguf_type=gguf_type, verify=verify)
     write_report(run)
     return results
+
+
+def _rel(run: Path, p: Path) -> str:
+    return str(p.relative_to(run))
+
+
+def _check_request(run: Path, formats: list[str], gguf_type: str, verify: bool, push: str | None) -> list[str]:
+    """The formats to write (normalised), after every check that needs no model loaded."""
+    from finetune.export.gguf import GGUF_TYPES
+
+    formats = normalize_formats(list(formats), verify)
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--gguf-type: must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})")
+    if push and "hf" not in formats:
+        raise ExportError("--push: add --format hf (the merged model is what gets pushed)")
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise ExportError(f"{run / 'adapter'}: no finished adapter here; run `finetune train` first")
+    rundir.check_adapter(run)  # a damaged adapter file: one line naming it
+    if any(f in NEEDS_MERGED for f in formats) and rundir.merged_token(run) is None:
+        raise ExportError(f"{run / 'merged'}: no finished merge; run `finetune merge {run}` first")
+    return formats
+
+
+def _export_hf(run: Path, dst: Path, push: str | None, results: dict, done: dict) -> None:
+    files = _link_tree(run / "merged", dst)
+    results["hf"] = dst
+    done["hf"] = {"source": rundir.merged_token(run), "files": [_rel(run, dst / f) for f in files]}
+    if push:
+        results["push"] = push_to_hub(dst, push)
+        done["hf"]["pushed_to"] = push
+
+
+def _export_gguf(run: Path, gguf_path: Path, gguf_type: str, tok, template: ChatTemplate, name: str,
+                 done: dict) -> Path:
+    from finetune.export.gguf import GGUFExportError, write_gguf
+
+    try:
+        res = write_gguf(run / "merged", gguf_path, gguf_type, chat_template=template.source,
+                         end_token=template.end_token(tok), name=name)
+    except GGUFExportError as e:
+        raise ExportError(str(e)) from None
+    done["gguf"] = {"source": rundir.merged_token(run), "gguf_type": gguf_type, "files": [_rel(run, gguf_path)],
+                    "fallbacks": res.fallbacks}
+    log.info("gguf: wrote %s (%d tensors, %s%s)", gguf_path, res.tensors, gguf_type,
+             f"; {len(res.fallbacks)} tensors fell back to f16" if res.fallbacks else "")
+    return gguf_path
+
+
+def _export_ollama(run: Path, gguf_path: Path, gguf_type: str, tok, template: ChatTemplate, recipe, name: str,
+                   done: dict) -> Path:
+    from finetune.export.ollama import TemplateTranslationError, modelfile, translate
+
+    def render(messages, gen):
+        return tok.apply_chat_template(messages, chat_template=template.source, tokenize=False,
+                                       add_generation_prompt=gen)
+    try:
+        go, note = translate(render), None
+    except TemplateTranslationError as e:
+        go, note = None, str(e)
+        log.warning("ollama: the chat template could not be translated (%s); the Modelfile has no TEMPLATE, "
+                    "so Ollama would use its default. Write one by hand before `ollama create`.", e)
+    mf = gguf_path.parent / "Modelfile"
+    mf.write_text(modelfile(gguf_path.name, go, template.stop_tokens(tok), recipe.data.system_prompt, name, note),
+                  encoding="utf-8")
+    done["ollama"] = {"source": rundir.merged_token(run), "gguf_type": gguf_type,
+                      "files": [_rel(run, mf), _rel(run, gguf_path)], "template_translated": go is not None}
+    print(f"ollama: cd {mf.parent} && ollama create {name} -f Modelfile && ollama run {name}", flush=True)
+    return mf
+
+
+def _verify(run: Path, gguf_path: Path, gguf_type: str, tok, template: ChatTemplate) -> dict:
+    """--verify: llama.cpp (in a child process) against HF; verify.json holds the result, crashes included."""
+    from finetune.export.verify import VerifyUnavailable, verify_gguf
+
+    seqs, texts = _probes_for_verify(run, tok, template)
+    try:
+        result = verify_gguf(gguf_path, run / "merged", gguf_type, seqs, texts)
+    except VerifyUnavailable as e:
+        raise ExportError(str(e)) from None
+    rundir.write_json(run / "export" / "verify.json", result)
+    print(result["summary"], flush=True)
+    return result

@@ -9,7 +9,6 @@ What llama.cpp expects and HF does not give for free:
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import json
 import logging
 import re
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
 
@@ -216,32 +217,60 @@ def _rope_scaling(writer, rope: dict, head_dim: int):
 
 def write_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", chat_template: str | None = None,
                end_token: str | None = None, name: str = "finetune", permute: bool = True) -> GGUFResult:
-    """Convert the HF LLaMA checkpoint in `model_dir` to one GGUF file at `out`.
+    """Convert the HF LLaMA checkpoint in `model_dir` to one GGUF file at `out` (published atomically).
 
     `permute=False` leaves q/k in HF's layout: wrong on purpose, for the negative-control test of --verify.
     """
     import gguf
-    from safetensors import safe_open
+
+    from finetune.rundir import publishing_file
+
+    model_dir = Path(model_dir)
+    config, tok, files = _open_checkpoint(model_dir, gguf_type)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with publishing_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer.add_name(name)
+        rope_freqs = _write_hparams(writer, config, gguf_type)
+        vocab = _write_tokenizer(writer, model_dir, tok, config.vocab_size, chat_template, end_token)
+        count, fallbacks = _write_tensors(writer, files, config, gguf_type, permute)
+        if rope_freqs is not None:
+            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], rope_freqs)
+            count += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    for n in vocab.notes:
+        log.info("gguf: %s", n)
+    return GGUFResult(out, gguf_type, count, fallbacks, vocab.notes)
+
+
+def _open_checkpoint(model_dir: Path, gguf_type: str):
+    """(config, tokenizer, safetensors files), after checking that the GGUF writer can take this checkpoint."""
     from transformers import AutoConfig, AutoTokenizer
 
     if gguf_type not in GGUF_TYPES:
         raise GGUFExportError(f"--gguf-type: must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})")
-    model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type != "llama":
         raise GGUFExportError(f"{model_dir / 'config.json'}: model_type {config.model_type!r}; the GGUF writer "
                               "supports the LLaMA architecture (model_type llama)")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    cv = _config_values(config)
-    n_layers = config.num_hidden_layers
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise GGUFExportError(f"{model_dir}: no .safetensors files; run `finetune merge` first")
+    return config, tok, files
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(name)
+
+def _write_hparams(writer, config, gguf_type: str):
+    """The architecture's numbers and the file type; returns the rope_freqs tensor when rope scaling needs one."""
+    import gguf
+
+    cv = _config_values(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(n_layers)
+    writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(cv["n_head"])
     writer.add_head_count_kv(cv["n_kv"])
@@ -256,10 +285,16 @@ def write_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", chat_template
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    rope_freqs = _rope_scaling(writer, cv["rope"], cv["head_dim"])
+    return _rope_scaling(writer, cv["rope"], cv["head_dim"])
 
-    # --- tokenizer
-    vocab = build_vocab(model_dir, tok, config.vocab_size)
+
+def _write_tokenizer(writer, model_dir: Path, tok, n_vocab: int, chat_template: str | None,
+                     end_token: str | None) -> Vocab:
+    """Vocabulary, merges, special tokens (BOS/EOS added as HF adds them, EOT = the template's end token) and
+    the chat template without its training-only markers."""
+    import gguf
+
+    vocab = build_vocab(model_dir, tok, n_vocab)
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre:
         writer.add_tokenizer_pre(vocab.pre)
@@ -278,13 +313,17 @@ def write_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", chat_template
     if end_token and end_token != tok.eos_token:
         # llama.cpp stops generation at EOT as well as EOS: the template's end-of-turn token goes there.
         writer.add_eot_token_id(tok.convert_tokens_to_ids(end_token))
+    return vocab
 
-    # --- tensors, one at a time from the (memory-mapped) safetensors shards
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, n_layers)
+
+def _write_tensors(writer, files: list[Path], config, gguf_type: str, permute: bool) -> tuple[int, list[str]]:
+    """Every tensor, one at a time from the (memory-mapped) safetensors shards; (count, f16 fallbacks)."""
+    import gguf
+    from safetensors import safe_open
+
+    cv = _config_values(config)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     fallbacks, count = [], 0
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise GGUFExportError(f"{model_dir}: no .safetensors files; run `finetune merge` first")
     for f in files:
         with safe_open(f, framework="pt") as st:
             for key in st.keys():
@@ -294,10 +333,8 @@ def write_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", chat_template
                 if new is None:
                     raise GGUFExportError(f"{f.name}: tensor {key} has no GGUF name for LLaMA")
                 data = st.get_tensor(key).float().numpy()
-                if permute and key.endswith("q_proj.weight"):
-                    data = permute_qk(data, cv["n_head"])
-                elif permute and key.endswith("k_proj.weight"):
-                    data = permute_qk(data, cv["n_kv"])
+                if permute and key.endswith(("q_proj.weight", "k_proj.weight")):
+                    data = permute_qk(data, cv["n_head"] if key.endswith("q_proj.weight") else cv["n_kv"])
                 ttype = tensor_type(data.shape, gguf_type)
                 if ttype != tensor_type(data.shape, "f32") and ttype != gguf_type:
                     fallbacks.append(f"{new} {list(data.shape)}: row length {data.shape[-1]} is not a multiple of "
@@ -306,14 +343,4 @@ def write_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", chat_template
                 arr, raw = encode_tensor(data, ttype)
                 writer.add_tensor(new, arr, raw_dtype=raw)
                 count += 1
-    if rope_freqs is not None:
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], rope_freqs)
-        count += 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(out)
-    for n in vocab.notes:
-        log.info("gguf: %s", n)
-    return GGUFResult(out, gguf_type, count, fallbacks, vocab.notes)
+    return count, fallbacks
