@@ -21,6 +21,15 @@ def _highlight(segments: list[list], color: bool) -> str:
     return "".join(out)
 
 
+def steps_line(steps: dict) -> str:
+    """What an optimizer step holds, packed and unpacked (data.packing.StepShape.to_dict)."""
+    how = (f"packed into {steps['rows']} blocks of {steps['block_length']} tokens, "
+           f"{steps['per_device']} x {steps['accum']} blocks a step" if steps["packed"]
+           else f"{steps['per_device']} x {steps['accum']} examples a step")
+    return (f"{steps['examples']} training examples, {how}: {steps['examples_per_step']} examples per step, "
+            f"{steps['steps_per_epoch']} steps per epoch (unpacked: {steps['unpacked_steps_per_epoch']})")
+
+
 def format_report(report: dict, color: bool | None = None, examples: int = 2) -> str:
     color = sys.stdout.isatty() if color is None else color
     rows = report.get("rows", {})
@@ -35,11 +44,16 @@ def format_report(report: dict, color: bool | None = None, examples: int = 2) ->
     lines += [
         f"tokens: {report.get('tokens')} in train, {100 * report.get('supervised_fraction', 0):.1f}% supervised",
         "length percentiles: " + ", ".join(f"{k} {v}" for k, v in pct.items()),
+        *[f"  {part} tokens: " + ", ".join(f"{k} {v}" for k, v in p.items())
+          for part, p in report.get("length_percentiles_by_part", {}).items()],
+        *([f"length rule: {report['length_rule']}; truncated {report['truncation']}"] if "length_rule" in report else []),
         f"truncated: {report.get('truncated', 0)}; dropped: {dropped['count']}; skipped bad rows: {skipped['count']}",
         f"non-pad tokens per batch: {100 * report.get('packing_efficiency', 0):.1f}% packed, "
         f"{100 * report.get('padded_efficiency', 0):.1f}% padded (no packing)",
         f"duplicates: {report.get('duplicates', {})}",
     ]
+    if "steps" in report:
+        lines.append("steps: " + steps_line(report["steps"]))
     for what, block in (("dropped", dropped), ("skipped", skipped)):
         for loc in block.get("first", [])[:3]:
             lines.append(f"  {what}: {loc}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.data_view import steps_line
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
@@ -80,7 +82,8 @@ def write_report(run: Path) -> Path:
                   f"skipped bad rows: {data.get('skipped_rows', {}).get('count', 0)}",
                   f"- duplicates: {data.get('duplicates', {})}",
                   f"- length percentiles: {data.get('length_percentiles')}",
-                  f"- packing efficiency (if packed): {_fmt(data.get('packing_efficiency', 0))}", ""]
+                  f"- packing efficiency (if packed): {_fmt(data.get('packing_efficiency', 0))}",
+                  *([f"- steps: {steps_line(data['steps'])}"] if "steps" in data else []), ""]
     train_rows = [r for r in logs if "loss" in r]
     if train_rows:
         first, last = train_rows[0], train_rows[-1]

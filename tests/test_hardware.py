@@ -22,12 +22,19 @@ def recipe(**sections):
     return validate_recipe(raw)
 
 
+def _shape(r, n: int = 100, length: int = 30):
+    from finetune.data.packing import step_shape
+
+    t = r.train
+    return step_shape([length] * n, t.micro_batch_size, t.grad_accum, r.data.max_length, r.data.packing)
+
+
 def test_cpu_never_autocasts_over_nf4():
     """The trap: SFTConfig defaults to bf16=True; over NF4 layers computing in fp32 that broke training on CPU."""
     p = choose_precision(recipe(), CPU)
     assert p.compute_dtype == torch.float32 and not p.bf16 and not p.fp16
     assert any("falling back to float32" in w for w in p.warnings)
-    args = sft_config(recipe(), p, CPU, __import__("pathlib").Path("/tmp/x"), False, 100)
+    args = sft_config(recipe(), p, CPU, __import__("pathlib").Path("/tmp/x"), False, _shape(recipe()))
     assert args.bf16 is False and args.fp16 is False and args.use_cpu is True
     assert args.optim == "adamw_torch"
 
@@ -76,7 +83,7 @@ def test_gradient_checkpointing_and_logging_mapping(tmp_path):
     r = recipe(train={"gradient_checkpointing": True, "report_to": ["tensorboard"], "save_steps": 7,
                       "micro_batch_size": 2, "grad_accum": 8, "max_steps": 30},
                data={"train": [{"path": "tatsu-lab/alpaca"}], "packing": False})  # packed: see test_packing.py
-    args = sft_config(r, choose_precision(r, CPU), CPU, tmp_path, True, 100)
+    args = sft_config(r, choose_precision(r, CPU), CPU, tmp_path, True, _shape(r))
     assert args.gradient_checkpointing is True
     assert args.report_to == ["tensorboard"]
     assert (args.save_steps, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_steps) == (7, 2, 8, 30)

@@ -27,8 +27,9 @@ ROWS = [{"instruction": "what is " + " ".join(["red"] * (1 + i % 7)), "input": "
 
 
 def test_packed_logits_equal_per_example_logits(recipe_factory):
-    from trl.data_utils import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune.data.packing import pack, step_shape
 
     recipe = load_recipe(recipe_factory(rows=ROWS), ["data.packing=true", "data.max_length=64"])
     assert recipe.data.packing
@@ -49,9 +50,10 @@ def test_packed_logits_equal_per_example_logits(recipe_factory):
             base_logits = model(input_ids=probe, use_cache=False).logits
         assert (model(input_ids=probe, use_cache=False).logits - base_logits).abs().max() > 1e-2
 
-    # What SFTTrainer does with packing=True, packing_strategy="bfd": pack into max_length blocks, then collate
-    # padding-free (one row, position_ids restarting at each example, no attention mask).
-    packed = pack_dataset(data, seq_length=recipe.data.max_length, strategy="bfd")
+    # What training does: our blocks (finetune.data.packing.pack, a step holding micro x accum examples), then
+    # TRL's padding-free collation (one row, position_ids restarting at each example from `seq_lengths`).
+    lengths = [len(x) for x in data["input_ids"]]
+    packed = pack(data, step_shape(lengths, 4, 2, recipe.data.max_length, packing=True))
     assert len(packed) < len(data)  # several examples per block
     batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(
         [packed[i] for i in range(len(packed))])
@@ -75,20 +77,27 @@ def test_packed_logits_equal_per_example_logits(recipe_factory):
 
 
 def test_packed_batches_are_one_block_per_forward_without_flash_attention(recipe_factory, tmp_path):
-    """sdpa/eager attend over the whole flattened row of a packed micro-batch; one block per forward pass with
-    the micro-batch moved into accumulation trains on the same blocks per step for less attention work."""
+    """sdpa/eager attend over the whole flattened row of a packed micro-batch: one block per forward pass, the
+    blocks of a step in accumulation. flash-attention's varlen kernel may take several blocks per forward."""
+    from finetune.data.packing import step_shape
     from finetune.hardware import Hardware, Precision
     from finetune.train import sft_config
 
+    lengths = [12 + (7 * i) % 40 for i in range(200)]
     recipe = load_recipe(recipe_factory(), ["train.micro_batch_size=4", "train.grad_accum=2"])
     cpu = Hardware(cuda=False, bf16=False, flash_attn=False, name="cpu")
-    args = sft_config(recipe, choose_precision(recipe, cpu), cpu, tmp_path, False, 100)
-    assert args.packing and (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 8)
+    shape = step_shape(lengths, 4, 2, recipe.data.max_length, True)
+    args = sft_config(recipe, choose_precision(recipe, cpu), cpu, tmp_path, False, shape)
+    assert args.padding_free and not args.packing and args.per_device_train_batch_size == 1  # our own blocks
+    assert args.gradient_accumulation_steps == shape.accum and shape.block_length == recipe.data.max_length
     flash = Precision(torch.bfloat16, True, False, "paged_adamw_8bit", "flash_attention_2")
-    args = sft_config(recipe, flash, cpu, tmp_path, False, 100)
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 2)
+    shape = step_shape(lengths, 4, 2, recipe.data.max_length, True, blocks_per_forward=4)
+    args = sft_config(recipe, flash, cpu, tmp_path, False, shape)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == shape.per_device * shape.accum
     unpacked = load_recipe(recipe_factory(), ["data.packing=false", "train.micro_batch_size=4", "train.grad_accum=2"])
-    args = sft_config(unpacked, choose_precision(unpacked, cpu), cpu, tmp_path, False, 100)
+    shape = step_shape(lengths, 4, 2, unpacked.data.max_length, False)
+    args = sft_config(unpacked, choose_precision(unpacked, cpu), cpu, tmp_path, False, shape)
     assert not args.packing and (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 2)
     grouped = load_recipe(recipe_factory(), ["data.packing=false", "data.group_by_length=true"])
-    assert sft_config(grouped, choose_precision(grouped, cpu), cpu, tmp_path, False, 100).train_sampling_strategy == "group_by_length"
+    args = sft_config(grouped, choose_precision(grouped, cpu), cpu, tmp_path, False, shape)
+    assert args.train_sampling_strategy == "group_by_length"
