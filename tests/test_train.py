@@ -105,8 +105,59 @@ def test_bad_data_row_is_one_line(tmp_path, tiny_model_dir):
 
 def test_held_out_eval_during_training_keeps_the_training_kernel(trained):
     """bitsandbytes repacks NF4 layers for a bf16 CPU kernel on the first eval-mode forward; after that,
-    training would run through gemv_4bit, which has no autograd kernel and silently drops gradients."""
+    training would run through gemv_4bit, which has no autograd kernel and silently drops gradients.
+    The effect itself is checked below (test_gradients_after_an_eval_forward_equal_the_dequantized_reference);
+    here: the run did evaluate in the middle of training, and bitsandbytes never warned about the kernel."""
+    logs = [json.loads(x) for x in (trained["run"] / "train_log.jsonl").read_text().splitlines()]
+    last_train_step = max(r["step"] for r in logs if "loss" in r)
+    assert any("eval_loss" in r and r["step"] < last_train_step for r in logs), "no held-out eval mid-training"
     assert "gemv_4bit" not in trained["stderr"]
+
+
+def test_gradients_after_an_eval_forward_equal_the_dequantized_reference(tiny_model_dir):
+    """What keep_training_nf4_layout protects, checked on its effect (the failure is silent): after an eval-mode
+    forward without gradients, as a held-out evaluation during training runs, the training loss and every LoRA
+    gradient of the 4-bit model still equal those of the same LoRA on dequant(NF4(W)) in fp32."""
+    from finetune.hardware import choose_precision, detect_hardware
+    from finetune.models import attach_lora, dequantize_4bit_layers, load_base, resolve_base
+    from finetune.recipe import validate_recipe
+
+    r = validate_recipe({"model": {"base": str(tiny_model_dir)}, "data": {"train": [{"path": "tatsu-lab/alpaca"}]},
+                         "quantization": {"compute_dtype": "float32"}, "lora": {"dropout": 0.0}, "output_dir": "x"})
+    hw = detect_hardware("cpu")
+    precision = choose_precision(r, hw)
+
+    def lora_model(dense: bool):
+        base = load_base(r, resolve_base(str(tiny_model_dir)), precision, hw)
+        if dense:
+            assert dequantize_4bit_layers(base, torch.float32) > 0
+        return attach_lora(base, r, gradient_checkpointing=False)
+
+    model, reference = lora_model(dense=False), lora_model(dense=True)
+    gen = torch.Generator().manual_seed(0)
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # the same non-identity LoRA on both (lora_B starts at zero)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                ref_params[name].copy_(p)
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=gen)
+
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # the held-out evaluation
+    results = []
+    for m in (model, reference):
+        m.train()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if "lora_" in n}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        assert g is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_4bit_base_is_never_repacked_by_inference(tiny_model_dir):
