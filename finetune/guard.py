@@ -23,8 +23,10 @@ from finetune.errors import NonFiniteError
 log = logging.getLogger("finetune")
 
 
-class GuardedSFTTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints are atomic, which stops cleanly on a signal and guards against NaN."""
+class GuardMixin:
+    """Atomic checkpoints, a clean stop on a signal and the NaN guard, for any transformers Trainer subclass: put it
+    first, `class Guarded(GuardMixin, SomeTrainer)` (SFT here; TRL's preference trainers in finetune/preference.py).
+    Its _save_checkpoint replaces the trainer's whole (TRL's DPO/KTO add only a model card there)."""
 
     def __init__(self, *args, on_nan: str = "stop", resume_command: str = "", **kwargs):
         super().__init__(*args, **kwargs)
@@ -87,8 +89,12 @@ class GuardedSFTTrainer(SFTTrainer):
             raise
 
 
+class GuardedSFTTrainer(GuardMixin, SFTTrainer):
+    """SFTTrainer whose checkpoints are atomic, which stops cleanly on a signal and guards against NaN."""
+
+
 class _GuardCallback(TrainerCallback):
-    def __init__(self, trainer: GuardedSFTTrainer):
+    def __init__(self, trainer: GuardMixin):
         self.t = trainer
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):

@@ -54,6 +54,9 @@ class ModelSection(_Section):
     """Tokenizer to use (hub id or local dir); null means the base model's own tokenizer."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off unless you trust its author."""
+    adapter: str | None = None
+    """Start from an existing LoRA adapter instead of a fresh one: an adapter directory (e.g. an SFT run's
+    adapter/) or a run directory holding one. SFT then DPO is two recipes; the manifest records its sha256."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel. auto is sdpa (PyTorch's scaled-dot-product attention), always; flash_attention_2 is used
     only when named here, and falls back to sdpa with a warning without CUDA and the flash-attn package."""
@@ -67,6 +70,17 @@ class ModelSection(_Section):
             raise ValueError("must name a base model (hub id, local directory, .gguf file or builtin:...)")
         if (v.endswith(".gguf") or v.startswith(("/", "./", "../", "~"))) and not Path(v).expanduser().exists():
             raise ValueError("file or directory not found (give an existing HF model directory or .gguf file)")
+        return v
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None or _reading_run_dir(info):
+            return v
+        p = Path(v).expanduser()
+        if not ((p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file()):
+            raise ValueError("no adapter here: give a directory holding adapter_config.json (an SFT run's adapter/) "
+                             "or a run directory with a finished adapter/")
         return v
 
 
@@ -101,14 +115,20 @@ class LoraSection(_Section):
         return v
 
 
-DataFormat = Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text"]
+DataFormat = Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference",
+                     "preference_messages", "kto"]
+PREFERENCE_FORMATS = ("preference", "preference_messages", "kto")
+"""Formats of preference methods: pairs (prompt, chosen, rejected) or kto's unpaired (prompt, completion, label)."""
+
 
 
 class DataSource(_Section):
     path: str
     """A local .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id."""
     format: DataFormat = "alpaca"
-    """Row format: alpaca | messages | sharegpt | prompt_completion | text."""
+    """Row format: alpaca | messages | sharegpt | prompt_completion | text (SFT); preference (prompt, chosen,
+    rejected strings) | preference_messages (chosen and rejected message lists sharing the prompt turns) | kto
+    (prompt, completion, label true/false) for the preference methods."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map our field names to yours, e.g. {instruction: question, output: answer}."""
     split: str = "train"
@@ -181,6 +201,9 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
+    method: Literal["sft", "dpo", "orpo", "kto", "simpo"] = "sft"
+    """sft (supervised replies) | dpo | orpo | kto | simpo (preference tuning on the same 4-bit base and LoRA;
+    their keys are in the preference: section)."""
     epochs: float = Field(1, gt=0)
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, gt=0)
@@ -223,11 +246,52 @@ class TrainSection(_Section):
     """Where to train: auto uses CUDA when present."""
 
 
+class PreferenceSection(_Section):
+    """Keys of the preference methods (train.method dpo | orpo | kto | simpo). A key that the chosen method does
+    not use is an error naming it. Unset keys take TRL's default for the method."""
+
+    beta: float | None = Field(None, gt=0)
+    """Strength of the pull towards the reference (dpo, kto: TRL default 0.1), ORPO's odds-ratio weight (lambda,
+    0.1), or SimPO's reward scale (2.0)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                       "apo_zero", "apo_down", "sigmoid_norm", "kto", "apo_zero_unpaired"] | None = None
+    """dpo: sigmoid (DPO, default) | hinge | ipo | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero |
+    apo_down | sigmoid_norm; kto: kto (default) | apo_zero_unpaired."""
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    """dpo: probability that a label is flipped (robust and exo_pair losses; 0 = none)."""
+    reference: Literal["start", "base", "precomputed"] | None = None
+    """dpo, kto: the reference model, never a second copy of the base. start (default): the model training starts
+    from, i.e. the 4-bit base with the starting adapter (model.adapter) frozen, or with the adapter off when there is
+    none; base: the base with every adapter off; precomputed: start's log-probabilities computed once before
+    training (no reference forward pass per step)."""
+    simpo_gamma: float | None = Field(None, ge=0)
+    """simpo: target reward margin (TRL default 0.5)."""
+    desirable_weight: float | None = Field(None, gt=0)
+    """kto: weight of the desirable (label true) examples' loss (1.0)."""
+    undesirable_weight: float | None = Field(None, gt=0)
+    """kto: weight of the undesirable (label false) examples' loss (1.0)."""
+    max_prompt_length: int | None = Field(None, gt=0)
+    """Longest prompt in tokens (default: half of data.max_length). A longer prompt keeps its last tokens (the
+    turn being answered); replies then keep their first data.max_length - prompt tokens. Both are counted."""
+
+
+PREFERENCE_KEYS = {
+    "dpo": {"beta", "loss_type", "label_smoothing", "reference", "max_prompt_length"},
+    "kto": {"beta", "loss_type", "reference", "desirable_weight", "undesirable_weight", "max_prompt_length"},
+    "orpo": {"beta", "max_prompt_length"},
+    "simpo": {"beta", "simpo_gamma", "max_prompt_length"},
+}
+"""The preference: keys each method reads (anything else set is an error)."""
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
 class EvalTask(_Section):
     name: str
     """Name shown in the report."""
-    kind: Literal["held_out", "generate", "multiple_choice", "lm_eval"]
-    """held_out | generate | multiple_choice | lm_eval."""
+    kind: Literal["held_out", "generate", "multiple_choice", "lm_eval", "preference"]
+    """held_out | generate | multiple_choice | lm_eval | preference (on pairs: how often the chosen reply gets a
+    higher length-normalised log-likelihood than the rejected one; path: a preference/preference_messages JSONL
+    file, or none for the run's held-out pairs)."""
     path: str | None = None
     """JSONL file of the task's rows (generate, multiple_choice)."""
     metrics: list[Literal["exact_match", "contains", "regex", "json_match", "rouge_l", "chrf"]] = ["exact_match"]
@@ -282,6 +346,8 @@ class Recipe(_Section):
     """Training data and its template."""
     train: TrainSection = TrainSection()
     """The optimisation."""
+    preference: PreferenceSection | None = None
+    """Keys of the preference methods (train.method dpo | orpo | kto | simpo)."""
     eval: EvalSection = EvalSection()
     """Held-out tasks, base vs fine-tuned."""
     export: ExportSection = ExportSection()
@@ -336,7 +402,7 @@ def validate_recipe(raw: dict, label: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError([f"{label}: {line}" for line in _describe_errors(e, raw)]) from None
-    problems = [f"{label}: {p}" for p in _check_paths(recipe)]
+    problems = [f"{label}: {p}" for p in _check_paths(recipe) + _method_problems(recipe)]
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -507,6 +573,59 @@ def _check_paths(recipe: Recipe) -> list[str]:
             problems.append(f"eval.tasks[{i}].include_path: directory not found (got {task.include_path!r})")
         if [t.name for t in recipe.eval.tasks].count(task.name) > 1:
             problems.append(f"eval.tasks[{i}].name: {task.name!r} is used by another task; names must be unique")
+    return problems
+
+
+def _method_problems(recipe: Recipe) -> list[str]:
+    """Keys and data formats that do not belong to train.method, each naming its field."""
+    method, pref, problems = recipe.train.method, recipe.preference, []
+    preference = method != "sft"
+    if pref is not None and not preference:
+        problems.append("preference: only used by a preference method; set train.method to dpo, orpo, kto or simpo, "
+                        "or remove the section")
+    if pref is not None and preference:
+        for key in sorted(pref.model_fields_set - PREFERENCE_KEYS[method]):
+            problems.append(f"preference.{key}: not used by train.method {method} (it reads: "
+                            f"{', '.join(sorted(PREFERENCE_KEYS[method]))}); remove it")
+        if pref.loss_type is not None and "loss_type" in PREFERENCE_KEYS[method] and \
+                (pref.loss_type in KTO_LOSSES) != (method == "kto"):
+            problems.append(f"preference.loss_type: {pref.loss_type!r} is not a {method} loss")
+    wanted = ("kto",) if method == "kto" else ("preference", "preference_messages") if preference else None
+    for part, sources in (("train", recipe.data.train), ("eval", recipe.data.eval or [])):
+        for i, src in enumerate(sources):
+            if wanted is None and src.format in PREFERENCE_FORMATS:
+                problems.append(f"data.{part}[{i}].format: {src.format} is preference data; set train.method "
+                                "(dpo, orpo, simpo for pairs; kto for kto rows)")
+            elif wanted is not None and src.format not in wanted:
+                problems.append(f"data.{part}[{i}].format: train.method {method} reads {' or '.join(wanted)} rows "
+                                f"(got {src.format})")
+    if preference and recipe.data.train_on_prompt:
+        problems.append(f"data.train_on_prompt: not used by train.method {method} (the loss is on the replies)")
+    if preference and "packing" in recipe.data.model_fields_set and recipe.data.packing:
+        problems.append(f"data.packing: train.method {method} does not pack (chosen and rejected are batched "
+                        "together); remove it")
+    if recipe.model.adapter and not recipe.lora.model_fields_set <= {"dropout"}:
+        problems.append("lora: the starting adapter (model.adapter) fixes the LoRA shape; remove lora.r, "
+                        "lora.alpha and lora.target_modules")
+    return problems
+
+
+def lora_quantization_problems(recipe: Recipe) -> list[str]:
+    """LoRA options that peft cannot apply to the base as the recipe loads it: one line each, saying what works."""
+    lora, q = recipe.lora, recipe.quantization
+    problems = []
+    bits = "4-bit" if q.load_in_4bit else "8-bit" if q.load_in_8bit else None
+    if lora.init in ("pissa", "olora") and bits:
+        problems.append(f"lora.init: {lora.init} rewrites the base weights as a full-precision residual, which a "
+                        f"{bits} base cannot hold as trained (peft re-quantises or refuses it); on a {bits} base use "
+                        "init: default, gaussian, eva" + (" or loftq" if q.load_in_4bit else "") +
+                        f", or set quantization.load_in_4bit: false (and load_in_8bit: false) for {lora.init}")
+    if lora.init == "loftq" and not q.load_in_4bit:
+        problems.append("lora.init: loftq fits LoRA to the 4-bit quantisation error, and this base is not loaded in "
+                        "4-bit; use it with quantization.load_in_4bit: true, or init: default/pissa/olora here")
+    if lora.init in ("pissa", "olora", "loftq") and lora.use_dora:
+        problems.append(f"lora.use_dora: DoRA with init: {lora.init} is not supported here (peft's weight "
+                        "conversion is for plain LoRA); use init: default, gaussian or eva with DoRA")
     return problems
 
 

@@ -39,8 +39,11 @@ def plot_loss(run: Path) -> Path | None:
         ax.plot(*zip(*train), label="train loss", lw=1.5)
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss", lw=1.5)
+    margin = [(r["step"], r["rewards/margins"]) for r in logs if "rewards/margins" in r and "step" in r]
+    if margin:  # preference runs: the reward margin (chosen minus rejected) on the same axes
+        ax.plot(*zip(*margin), "--", label="reward margin (chosen - rejected)", lw=1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss" + (" / margin" if margin else ""))
     ax.set_title(run.name)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -49,6 +52,22 @@ def plot_loss(run: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+PREFERENCE_METRICS = (("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy (chosen preferred)"),
+                      ("logps/chosen", "chosen log-prob"), ("logps/rejected", "rejected log-prob"))
+"""What TRL's preference trainers log per step (DPO, KTO, ORPO, SimPO), first -> last in report.md."""
+
+
+def _preference_lines(train_rows: list[dict], held: list[dict]) -> list[str]:
+    lines = []
+    for key, label in PREFERENCE_METRICS:
+        rows = [r for r in train_rows if key in r]
+        held_rows = [r for r in held if f"eval_{key}" in r]
+        if rows:
+            lines.append(f"- {label}: {_fmt(rows[0][key])} → {_fmt(rows[-1][key])}"
+                         + (f"; held-out {_fmt(held_rows[-1][f'eval_{key}'])}" if held_rows else ""))
+    return lines
 
 
 def _fmt(x) -> str:
@@ -92,6 +111,7 @@ def write_report(run: Path) -> Path:
         lines += ["## Training", "",
                   f"- steps: {last.get('step')}; loss {_fmt(first['loss'])} → {_fmt(last['loss'])}"
                   + (f"; held-out loss {_fmt(held[0]['eval_loss'])} → {_fmt(held[-1]['eval_loss'])}" if held else ""),
+                  *_preference_lines(train_rows, held),
                   f"- runtime: {_fmt(summary.get('train_runtime', 0))} s", "", "![loss](loss.png)", ""]
     events = manifest.get("events", [])
     warnings = manifest.get("warnings", [])

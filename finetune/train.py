@@ -23,6 +23,7 @@ from finetune.models import (align_special_ids, attach_lora, load_base, load_tok
                              resolve_base)
 from finetune.recipe import Recipe, recipe_to_yaml
 from finetune.report import write_report
+from finetune.start_adapter import load_start_adapter, start_adapter_record
 from finetune.templates import check_tokenizer_supports, load_template
 
 log = logging.getLogger("finetune")
@@ -265,12 +266,12 @@ def prepare_data(r: Session):
     """Rows -> encoded examples; on the main process the run directory gets the resolved recipe, the data report,
     the held-out rows and the manifest, and the reader gets the data summary."""
     recipe, run = r.recipe, r.run
-    prepared = data_mod.prepare(recipe, r.tok, r.template)
+    prepared = data_mod.prepare_for(recipe, r.tok, r.template)
     if not r.main:
         return prepared
     rundir.write_text(run / "resolved.yaml", recipe_to_yaml(recipe))
     rundir.write_json(run / "data_report.json", prepared.report)
-    data_mod.write_held_out(run / "held_out.jsonl", prepared.held_out)
+    data_mod.write_held_out_for(recipe, run / "held_out.jsonl", prepared.held_out)
     p = r.precision
     rundir.update_manifest(
         run,
@@ -280,6 +281,8 @@ def prepare_data(r: Session):
         data_sha256=data_mod.data_hashes(recipe),
         base={"spec": r.source.spec, "hf_path": r.source.hf_path, "gguf_file": r.source.gguf_file},
         template=r.template.name,
+        method=recipe.train.method,
+        start_adapter=start_adapter_record(recipe),
         device=r.hw.name,
         precision={"compute_dtype": p.dtype_name, "bf16": p.bf16, "fp16": p.fp16, "optimizer": p.optimizer,
                    "attn_implementation": p.attn_implementation, "gradient_checkpointing": r.checkpointing,
@@ -312,7 +315,10 @@ def build_model(r: Session):
     from transformers import set_seed
 
     set_seed(r.recipe.train.seed)
-    model = attach_lora(model, r.recipe, r.checkpointing)
+    if r.recipe.model.adapter:  # continue from an existing adapter (SFT -> DPO), trainable
+        model = load_start_adapter(model, r.recipe, r.checkpointing)
+    else:
+        model = attach_lora(model, r.recipe, r.checkpointing)
     model.peft_config["default"].base_model_name_or_path = r.source.hf_path
     return model
 
@@ -322,6 +328,12 @@ def build_trainer(r: Session, prepared, model):
     from finetune.guard import GuardedSFTTrainer
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(r.run / "tensorboard")  # per run, even when one process trains twice
+    if data_mod.is_preference(r.recipe):  # dpo, orpo, kto, simpo: TRL's preference trainers, same guard
+        from finetune.preference import build_preference_trainer
+
+        trainer = build_preference_trainer(r, prepared, model, JsonlLogCallback(r.run / "train_log.jsonl"))
+        keep_adapter_fp32(trainer.model)  # TRL's preference trainers cast QLoRA adapters to bf16 too
+        return trainer
     held_ds = None
     if prepared.held_out:
         data = r.recipe.data.model_copy(update={"too_long": "truncate"})
@@ -397,7 +409,8 @@ def save_adapter(r: Session, trainer, model) -> None:
     adapter = r.run / rundir.ADAPTER
     try:
         with rundir.publishing_dir(adapter) as staging:
-            model.save_pretrained(staging, safe_serialization=True, state_dict=full_state)
+            # "default" only: a preference run may hold TRL's frozen reference copy ("ref") beside it
+            model.save_pretrained(staging, safe_serialization=True, state_dict=full_state, selected_adapters=["default"])
             r.tok.chat_template = r.template.source  # one template from training to every export
             r.tok.save_pretrained(staging)
             # The marker (sizes + sha256 of every file) lets merge/eval/export name a damaged file in one line.

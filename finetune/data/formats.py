@@ -18,6 +18,10 @@ FORMAT_FIELDS = {
     "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    # preference methods (rows read by data/preference.py)
+    "preference": ("prompt", "chosen", "rejected"),
+    "preference_messages": ("chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"),
 }
 OPTIONAL_FIELDS = ("input", "system")
 """Fields a row may leave out (alpaca's); every other field of a format is required."""

@@ -1,0 +1,180 @@
+"""Preference tuning (issue 13): the recipe keys, the three data formats, DPO/ORPO/KTO/SimPO on the tiny 4-bit
+model, a starting adapter, merge and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_recipe
+from safetensors.torch import load_file
+from tiny import write_jsonl
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.recipe import RecipeError, load_recipe
+
+COLORS = ("red", "green", "blue")
+NUMS = ("one", "two", "three", "four", "five", "six", "seven")
+
+
+def pair_rows(n: int = 24) -> list[dict]:
+    """The chosen reply says yes + the colour; the rejected one says no + a number."""
+    return [{"prompt": f"what is {COLORS[i % 3]} {NUMS[i % 7]} {i}", "chosen": f"yes {COLORS[i % 3]}",
+             "rejected": f"no {NUMS[(i * 3) % 7]}"} for i in range(n)]
+
+
+def messages_rows(n: int = 24) -> list[dict]:
+    return [{"chosen": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]}
+            for r in pair_rows(n)]
+
+
+def kto_rows(n: int = 24) -> list[dict]:
+    out = []
+    for r in pair_rows(n // 2):
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return out
+
+
+PREF_TRAIN = {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "learning_rate": 5e-3, "save_steps": 1000,
+              "report_to": ["none"], "gradient_checkpointing": False, "logging_steps": 1, "method": "dpo"}
+
+
+def pref_recipe(tmp_path: Path, model_dir: Path, rows=None, fmt: str = "preference", method: str = "dpo",
+                **sections) -> Path:
+    rows = rows if rows is not None else {"preference": pair_rows, "preference_messages": messages_rows,
+                                          "kto": kto_rows}[fmt]()
+    data_file = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
+    data = {"train": [{"path": str(data_file), "format": fmt}], "template": "chatml", "max_length": 64,
+            **sections.pop("data", {})}
+    return make_recipe(tmp_path, model_dir, rows=[], data=data, train={**PREF_TRAIN, "method": method,
+                                                                       **sections.pop("train", {})}, **sections)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recipe_problems(path: Path, *overrides: str) -> str:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, list(overrides))
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipe keys
+
+
+def test_method_keys_are_checked_and_named(tmp_path, tiny_model_dir):
+    p = pref_recipe(tmp_path, tiny_model_dir)
+    assert load_recipe(p).train.method == "dpo"
+    assert load_recipe(make_recipe(tmp_path / "sft", tiny_model_dir)).train.method == "sft"  # old recipes unchanged
+    assert "preference.simpo_gamma: not used by train.method dpo" in recipe_problems(p, "preference.simpo_gamma=0.5")
+    assert "preference.reference: not used by train.method orpo" in recipe_problems(
+        p, "train.method=orpo", "preference.reference=base")
+    assert "preference.loss_type: 'kto' is not a dpo loss" in recipe_problems(p, "preference.loss_type=kto")
+    assert "preference.betta: unknown key (did you mean preference.beta?)" in recipe_problems(p, "preference.betta=1")
+    assert "data.train[0].format: train.method kto reads kto rows" in recipe_problems(p, "train.method=kto")
+    assert "data.train[0].format: preference is preference data" in recipe_problems(p, "train.method=sft")
+    assert "preference: only used by a preference method" in recipe_problems(p, "train.method=sft",
+                                                                              "data.train[0].format=alpaca",
+                                                                              "preference.beta=0.2")
+    assert "data.packing: train.method dpo does not pack" in recipe_problems(p, "data.packing=true")
+    assert "model.adapter: no adapter here" in recipe_problems(p, f"model.adapter={tmp_path}")
+    ok = load_recipe(p, ["preference.beta=0.2", "preference.loss_type=ipo", "preference.reference=base"])
+    assert ok.preference.beta == 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def prepared(path: Path, *overrides: str):
+    from finetune.data import prepare_for
+    from finetune.train import load_tokenizer_and_template
+
+    r = load_recipe(path, list(overrides))
+    _, tok, template = load_tokenizer_and_template(r)
+    return prepare_for(r, tok, template, use_cache=False), tok, template
+
+
+@pytest.mark.parametrize("fmt,bad,line,message", [
+    ("preference", {"prompt": "p", "chosen": "same", "rejected": " same"}, 3,
+     "chosen and rejected replies are identical"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": "  "}, 3, "field 'rejected' is empty"),
+    ("preference_messages", {"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+                             "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     3, "the prompt differs between chosen and rejected (turn 0)"),
+    ("preference_messages", {"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": ""}],
+                             "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]},
+     3, "empty assistant reply"),
+    ("kto", {"prompt": "p", "completion": "a", "label": "maybe"}, 3, "field 'label' must be true or false"),
+])
+def test_bad_rows_name_file_and_line_or_are_skipped(tmp_path, tiny_model_dir, fmt, bad, line, message):
+    good = {"preference": pair_rows, "preference_messages": messages_rows, "kto": kto_rows}[fmt](8)
+    rows = good[:2] + [bad] + good[2:]
+    p = pref_recipe(tmp_path, tiny_model_dir, rows=rows, fmt=fmt, method="kto" if fmt == "kto" else "dpo")
+    with pytest.raises(Exception) as e:
+        prepared(p)
+    assert str(e.value).startswith(f"{tmp_path / (fmt + '.jsonl')}:{line}: ") and message in str(e.value), str(e.value)
+    ok, _, _ = prepared(p, "data.on_bad_row=skip")
+    assert ok.report["skipped_rows"]["count"] == 1 and ok.report["rows"]["train"] == 8
+
+
+def test_pairs_render_prompt_once_and_supervise_replies_with_end_token(tmp_path, tiny_model_dir):
+    from finetune.data import prompt_ids
+
+    p = pref_recipe(tmp_path, tiny_model_dir, fmt="preference_messages")
+    prep, tok, template = prepared(p)
+    row, ex = prep.train[0], messages_rows()[0]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    # The prompt is exactly what generation feeds the model; each reply is the reply text and the end token.
+    assert row["prompt_ids"] == prompt_ids(ex["chosen"][:1], tok, template)
+    for side in ("chosen", "rejected"):
+        ids = row[f"{side}_ids"]
+        assert ids[-1] == end and end not in ids[:-1]
+        assert tok.decode(ids[:-1]) == ex[side][-1]["content"]
+    # The same rows as plain strings give the same ids.
+    plain, _, _ = prepared(pref_recipe(tmp_path / "plain", tiny_model_dir, fmt="preference"))
+    assert plain.train[0] == row
+
+
+def test_length_rule_truncates_and_counts(tmp_path, tiny_model_dir):
+    rows = pair_rows(8)
+    rows[0] = {**rows[0], "prompt": " ".join(["question"] * 60)}
+    rows[1] = {**rows[1], "chosen": " ".join(["yes"] * 60)}
+    p = pref_recipe(tmp_path, tiny_model_dir, rows=rows)
+    prep, tok, _ = prepared(p, "preference.max_prompt_length=16")
+    assert prep.report["truncation"] == {"prompt_truncated": 1, "reply_truncated": 1}
+    for r in prep.train:
+        assert len(r["prompt_ids"]) <= 16
+        assert len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= 64
+    assert tok.decode(prep.train[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")  # the prompt keeps its end
+    dropped, _, _ = prepared(p, "preference.max_prompt_length=16", "data.too_long=drop")
+    assert dropped.report["dropped"]["count"] == 2 and dropped.report["rows"]["train"] == 6
+
+
+def test_finetune_data_shows_pairs_with_supervised_spans(tmp_path, tiny_model_dir):
+    p = pref_recipe(tmp_path, tiny_model_dir, data={"held_out": 4})
+    r = cli("data", p, "--no-color")
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "data: 20 train rows, 4 held out" in out
+    for part in ("prompt tokens:", "chosen tokens:", "rejected tokens:", "length rule: prompt keeps its last 32"):
+        assert part in out, out
+    assert "chosen: [[yes " in out and "<|im_end|>]]" in out and "rejected: [[no " in out
+    held = [json.loads(line) for line in (tmp_path / "run" / "held_out.jsonl").read_text().splitlines()]
+    assert len(held) == 4 and all(h["rejected"] and h["messages"][-1]["content"] == h["chosen"] for h in held)
