@@ -19,6 +19,7 @@ import os
 from trl import DPOTrainer, KTOTrainer
 
 from finetune.data.preference import encode_all_preference, max_prompt_length, to_dataset
+from finetune import distributed
 from finetune.guard import GuardMixin
 
 log = logging.getLogger("finetune")
@@ -85,9 +86,16 @@ def build_preference_trainer(r, prepared, model, log_callback):
     common = training_kwargs(r.recipe, r.precision, r.hw, r.run, held_ds is not None, len(prepared.train),
                              r.checkpointing)
     args, cls = method_config(r.recipe, common)
+    # TRL casts the trainable adapter of a quantized model to bf16 in place (after copying it as the reference):
+    # restoring only the dtype afterwards would keep the rounding, so a starting adapter would no longer equal its
+    # own reference. Keep the exact fp32 values instead (the dtype policy of train.keep_adapter_fp32).
+    exact = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = cls(model=model, args=args, train_dataset=prepared.train, eval_dataset=held_ds,
                   processing_class=r.tok, callbacks=[log_callback], on_nan=r.recipe.train.on_nan,
                   resume_command=r.command)
+    for name, param in model.named_parameters():
+        if name in exact and not distributed.sharded():
+            param.data = exact[name]
     pref = r.recipe.preference
     if pref is not None and pref.reference == "base" and "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # TRL then computes the reference with every adapter disabled

@@ -178,3 +178,110 @@ def test_finetune_data_shows_pairs_with_supervised_spans(tmp_path, tiny_model_di
     assert "chosen: [[yes " in out and "<|im_end|>]]" in out and "rejected: [[no " in out
     held = [json.loads(line) for line in (tmp_path / "run" / "held_out.jsonl").read_text().splitlines()]
     assert len(held) == 4 and all(h["rejected"] and h["messages"][-1]["content"] == h["chosen"] for h in held)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train_run(path: Path, *overrides: str) -> Path:
+    from finetune.train import train
+
+    return train(load_recipe(path, list(overrides)), path, overrides=list(overrides))
+
+
+def log_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_model_dir):
+    """A DPO run on the tiny 4-bit model (held-out pairs: eval metrics and merge probes), trained once."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_run(pref_recipe(tmp, tiny_model_dir, data={"held_out": 4}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dpo_trains_lora_on_the_4bit_base_against_the_adapter_off_reference(dpo_run, tiny_model_dir):
+    rows = log_rows(dpo_run)
+    steps = [r for r in rows if "loss" in r]
+    # Step 1: policy == reference (a fresh adapter is the identity), so every margin is 0 and the loss is log 2.
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[-1]["rewards/margins"] > 0.3 and steps[-1]["rewards/accuracies"] == 1.0
+    assert steps[-1]["logps/chosen"] > steps[0]["logps/chosen"] and steps[-1]["logps/rejected"] < steps[0]["logps/rejected"]
+    assert any("eval_rewards/accuracies" in r for r in rows)
+    manifest = json.loads((dpo_run / "manifest.json").read_text())
+    assert manifest["method"] == "dpo" and manifest["start_adapter"] is None
+    assert json.loads((dpo_run / "data_report.json").read_text())["rows"] == {"train": 20, "held_out": 4}
+    report = (dpo_run / "report.md").read_text()
+    assert "- reward margin: 0 → " in report and "- reward accuracy (chosen preferred): " in report
+    assert "- chosen log-prob: " in report and "- rejected log-prob: " in report
+    assert (dpo_run / "loss.png").stat().st_size > 0
+    # adapter/ holds the trained adapter only (not TRL's frozen reference copy), and it moved.
+    adapter = dpo_run / "adapter"
+    assert not (adapter / "ref").exists()
+    weights = load_file(adapter / "adapter_model.safetensors")
+    b = [w for k, w in weights.items() if "lora_B" in k]
+    assert b and all(w.dtype == torch.float32 for w in b) and max(float(w.abs().max()) for w in b) > 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_dpo_run_merges_with_the_sft_fidelity_figures(dpo_run, tmp_path):
+    import shutil
+
+    from finetune.merge import merge_run
+
+    run = tmp_path / "run"
+    shutil.copytree(dpo_run, run)
+    merge_run(run)
+    fid = json.loads((run / "merged" / "fidelity.json").read_text())
+    assert fid["base"] == "dequantized" and fid["probes"] == "4 held-out rows"
+    assert fid["argmax_agreement"] >= 0.999 and fid["mean_kl"] <= 1e-4  # as tests/test_merge.py for SFT
+    assert fid["adapter_vs_base_mean_kl"] > 1000 * max(fid["mean_kl"], 1e-9)
+
+
+def test_dpo_starts_from_an_sft_adapter_and_its_reference_is_that_adapter_frozen(tmp_path, tiny_model_dir):
+    from finetune import rundir
+
+    sft = train_run(make_recipe(tmp_path / "sft", tiny_model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                                train={"max_steps": 3, "learning_rate": 2e-2, "report_to": ["none"],
+                                       "gradient_checkpointing": False}))
+    path = pref_recipe(tmp_path / "dpo", tiny_model_dir, train={"max_steps": 1})
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["adapter"] = str(sft)  # a run directory: its adapter/ is used (and checked against its marker)
+    raw["lora"] = {"dropout": 0.0}      # the adapter's own shape applies
+    path.write_text(yaml.safe_dump(raw))
+    first = {}
+    for reference in ("start", "base"):
+        run = train_run(path, f"output_dir={tmp_path / reference}", f"preference.reference={reference}")
+        first[reference] = log_rows(run)[0]
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["start_adapter"]["sha256"] == rundir.adapter_sha(sft)
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    # start: the reference is the SFT adapter, frozen, so the first step has margin 0 (loss log 2) ...
+    assert first["start"]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    # ... base: the reference is the base with the adapter off, which the SFT adapter has moved away from.
+    assert abs(first["base"]["rewards/margins"]) > 1e-3 and first["base"]["loss"] != pytest.approx(0.693147, abs=1e-3)
+
+
+@pytest.mark.parametrize("method,fmt,extra", [
+    ("orpo", "preference", ()),
+    ("simpo", "preference_messages", ("preference.simpo_gamma=0.3",)),
+    ("kto", "kto", ("preference.desirable_weight=1.0",)),
+])
+def test_orpo_simpo_kto_train_on_the_tiny_model(tmp_path, tiny_model_dir, method, fmt, extra):
+    path = pref_recipe(tmp_path, tiny_model_dir, fmt=fmt, method=method, data={"held_out": 4})
+    run = train_run(path, *extra)
+    steps = [r for r in log_rows(run) if "loss" in r]
+    assert len(steps) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    # On the same held-out pairs, each method's own margin (chosen reward - rejected reward) grows and its loss falls.
+    held = [r for r in log_rows(run) if "eval_loss" in r]
+    assert held[-1]["eval_rewards/margins"] > held[0]["eval_rewards/margins"] + 0.02, held
+    assert held[-1]["eval_loss"] < held[0]["eval_loss"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "adapter" / "ref").exists()
+    assert json.loads((run / "manifest.json").read_text())["method"] == method
