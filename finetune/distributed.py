@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from finetune.errors import UserError
+
 log = logging.getLogger("finetune")
 
 
@@ -38,6 +40,21 @@ def sharded() -> bool:
     one dtype. For QLoRA that means: 4-bit weights stored in the compute dtype (quantization.quant_storage),
     no fp32 upcast of norms/embeddings, adapters in that dtype too, and no per-rank device_map."""
     return fsdp_enabled() or zero3_enabled()
+
+
+class ShardingError(UserError):
+    """FSDP/ZeRO-3 asked for where they cannot shard anything."""
+
+
+def check_sharding_hardware(cuda: bool) -> None:
+    """FSDP/ZeRO-3 on CPU ranks: Accelerate would silently train plain DDP (every rank a full model copy), because it
+    maps CPU ranks to MULTI_CPU and only turns GPU-like types into FSDP (accelerate 1.15, state.py:986-1013) or
+    DeepSpeed (state.py:974, `not cpu`). Measured: a 2-rank "FSDP" run on CPU held the whole model on each rank."""
+    if sharded() and not cuda:
+        kind = "FSDP" if fsdp_enabled() else "DeepSpeed ZeRO-3"
+        raise ShardingError(f"{kind} needs GPUs: on CPU ranks Accelerate trains plain DDP (a full model copy per "
+                            "rank) and would shard nothing; for CPU ranks use `accelerate launch --num_processes N "
+                            "--cpu -m finetune train RECIPE` (DDP on gloo)")
 
 
 def sharding_problems(recipe) -> list[str]:
@@ -132,16 +149,57 @@ class ShardRecorder:
         return self.inner(features)
 
     def summary(self) -> dict | None:
-        """Per-rank counts and the overlap between ranks; a collective call (every rank must call it)."""
+        """Per-rank counts and the overlap between ranks, and the parameter bytes each rank holds; a collective
+        call (every rank must call it)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, self.seen)
+        held: list = [None] * dist.get_world_size()
+        dist.all_gather_object(held, held_parameter_bytes(self.trainer.model_wrapped))
         sets = [set(s) for s in everyone]
         shared = set.intersection(*sets) if sets else set()
         return {"world_size": dist.get_world_size(), "backend": dist.get_backend(),
                 "examples_per_rank": [len(s) for s in everyone], "distinct_per_rank": [len(s) for s in sets],
                 "examples_seen_by_every_rank": len(shared),
-                "rank_fingerprints": [hashlib.sha1("".join(sorted(s)).encode()).hexdigest()[:12] for s in everyone]}
+                "rank_fingerprints": [hashlib.sha1("".join(sorted(s)).encode()).hexdigest()[:12] for s in everyone],
+                "parameter_bytes_per_rank": [h["total"] for h in held],
+                "four_bit_bytes_per_rank": [h["four_bit"] for h in held]}
+
+
+def held_parameter_bytes(model) -> dict:
+    """Bytes of parameter storage this rank holds: all of it, and the packed 4-bit weights' part.
+
+    A DDP rank holds the whole model. FSDP2 (`fully_shard`) turns every parameter into a DTensor whose local
+    shard is what this rank stores; FSDP1 flattens each wrapped unit into one FlatParameter that already is the
+    local shard (there, which bytes are 4-bit is not known: four_bit is None). ZeRO-3 leaves a placeholder of
+    size 0 and keeps the partition in `ds_tensor`.
+    """
+    total = four_bit = 0
+    flat = False
+    for name, p in model.named_parameters():
+        local = _local(p)
+        n = local.numel() * local.element_size()
+        total += n
+        flat = flat or "_flat_param" in name
+        if type(p).__name__ == "Params4bit" or type(local).__name__ == "Params4bit" or _is_4bit(model, name):
+            four_bit += n
+    return {"total": total, "four_bit": None if flat else four_bit}
+
+
+def _local(p):
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3 partition
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor
+
+
+def _is_4bit(model, name: str) -> bool:
+    """The parameter `name` is the weight of a bitsandbytes Linear4bit (its class survives sharding)."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return attr == "weight" and type(module).__name__ == "Linear4bit"

@@ -60,7 +60,7 @@ class GuardMixin:
             if not self.args.save_only_model:
                 self._save_optimizer_and_scheduler(str(tmp))
                 self._save_scaler(str(tmp))
-                self._save_rng_state(str(tmp))
+                _save_rng_states(self, tmp)
             if main:
                 for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
                     self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
@@ -71,7 +71,7 @@ class GuardMixin:
             self.accelerator.wait_for_everyone()
             if main:
                 ck.commit(tmp, final, meta={"global_step": step, "epoch": self.state.epoch,
-                                            "max_steps": self.state.max_steps})
+                                            "max_steps": self.state.max_steps, "world_size": self.args.world_size})
                 ck.rotate(final.parent, self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
         except OSError as e:
@@ -87,6 +87,31 @@ class GuardMixin:
             if main:
                 ck.abort(tmp)
             raise
+
+
+def _save_rng_states(trainer, tmp: Path) -> None:
+    """The Trainer's rng_state_<rank>.pth for every rank, written by the main process only.
+
+    Each rank writes its own file with the Trainer's code into a private scratch directory; the bytes are gathered
+    on rank 0, which puts them in the checkpoint. (The Trainer lets every rank write into the checkpoint itself: on
+    several machines without shared storage, the other machines' states would land on their own disks and an exact
+    resume would be impossible.)
+    """
+    import tempfile
+
+    dist = torch.distributed
+    if trainer.args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        trainer._save_rng_state(str(tmp))
+        return
+    with tempfile.TemporaryDirectory(prefix="finetune-rng-") as scratch:
+        trainer._save_rng_state(scratch)
+        mine = {p.name: p.read_bytes() for p in Path(scratch).iterdir()}
+    everyone: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    if everyone is not None:
+        for files in everyone:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
 
 
 class GuardedSFTTrainer(GuardMixin, SFTTrainer):

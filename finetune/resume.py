@@ -59,6 +59,30 @@ def plan(run: Path, resolved_yaml: str, data_hashes: dict, resume: bool, force: 
     return ResumePlan(latest, ck.step_of(latest) or 0, changes, marker.get("max_steps"))
 
 
+def written_by(checkpoint: Path) -> int | None:
+    """How many processes trained up to `checkpoint`: from its marker, else from its per-rank RNG files."""
+    world = (ck.read_marker(checkpoint) or {}).get("world_size")
+    if world:
+        return int(world)
+    ranks = list(Path(checkpoint).glob("rng_state_*.pth"))
+    return len(ranks) if ranks else 1 if (Path(checkpoint) / "rng_state.pth").is_file() else None
+
+
+def check_world_size(checkpoint: Path | None, world: int) -> None:
+    """Refuse to continue a checkpoint with another number of processes: the ranks' data shards, the steps'
+    global batch and the per-rank RNG states would all differ from the run that wrote it."""
+    if checkpoint is None:
+        return
+    was = written_by(checkpoint)
+    if was is not None and was != world:
+        raise ResumeError(
+            f"{checkpoint.parent.parent}: refusing to resume {checkpoint.name} with {world} process"
+            f"{'es' if world != 1 else ''}: it was written by {was}, and each step's batch, every rank's data "
+            f"shard and RNG state depend on that; resume with {was} process{'es' if was != 1 else ''} "
+            f"(accelerate launch --num_processes {was} ...), or start a new run from its adapter "
+            f"(model.adapter: {checkpoint})")
+
+
 def what_changed(run: Path, resolved_yaml: str, data_hashes: dict) -> list[str]:
     """Human-readable differences between the run in `run` and the recipe/data we are about to use."""
     m = rundir.read_manifest(run)

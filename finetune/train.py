@@ -18,9 +18,10 @@ from finetune import checkpoints as ck
 from finetune import data as data_mod
 from finetune import distributed, rundir
 from finetune import resume as resume_mod
+from finetune.data.packing import StepShape, pack, shape_for
 from finetune.hardware import choose_precision, detect_hardware
-from finetune.models import (align_special_ids, attach_lora, load_base, load_tokenizer, resize_for_tokenizer,
-                             resolve_base)
+from finetune.models import (LoraHardwareError, add_new_tokens, align_special_ids, attach_lora, load_base,
+                             load_tokenizer, lora_hardware_problem, resize_for_tokenizer, resolve_base)
 from finetune.recipe import Recipe, recipe_to_yaml
 from finetune.report import write_report
 from finetune.start_adapter import load_start_adapter, start_adapter_record
@@ -54,25 +55,20 @@ def _event(run: Path, kind: str, **details) -> None:
         log.warning("could not record %s in the manifest: %s", kind, e)
 
 
-def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train: int,
+def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, shape: StepShape,
                gradient_checkpointing: bool | None = None):
     """Map the recipe onto SFTConfig. Every precision flag is set explicitly (SFTConfig defaults to bf16=True).
-    gradient_checkpointing: the resolved decision (plan.checkpointing_for_run); None resolves `auto` to on."""
+    shape: how examples become steps (data.packing.step_shape: a packed step holds as many examples as an
+    unpacked one). gradient_checkpointing: the resolved decision (plan.checkpointing_for_run); None = on."""
     from trl import SFTConfig
 
     if gradient_checkpointing is None:
         gradient_checkpointing = recipe.train.gradient_checkpointing is not False
 
     t, d = recipe.train, recipe.data
-    micro, accum = t.micro_batch_size, t.grad_accum
-    if d.packing and precision.attn_implementation != "flash_attention_2":
-        # A packed micro-batch is flattened into one padding-free row. Only flash-attention's varlen kernel keeps
-        # attention within each block; sdpa/eager compute it over the whole row, (micro x max_length)^2. One block
-        # per forward pass, accumulated, trains on the same blocks per optimizer step for micro x less of that.
-        micro, accum = 1, t.micro_batch_size * t.grad_accum
+    micro, accum = shape.per_device, shape.accum
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, math.ceil(n_train / (t.micro_batch_size * t.grad_accum * world)))
-    total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    total = t.max_steps or max(1, math.ceil(shape.steps_per_epoch * t.epochs))
     eval_steps = t.eval_steps or max(1, total // 5)
     report_to = [r for r in t.report_to if r != "none"] or "none"
     return SFTConfig(
@@ -103,9 +99,12 @@ def sft_config(recipe: Recipe, precision, hw, run: Path, has_eval: bool, n_train
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
         report_to=report_to,
-        max_length=d.max_length,
-        packing=d.packing,
-        packing_strategy="bfd",
+        # Packed: our own blocks (data.packing.pack: a step holds as many examples as unpacked), already built,
+        # so TRL neither packs nor truncates; padding-free collation restarts position_ids at every example.
+        max_length=None if shape.packed else d.max_length,
+        packing=False,
+        padding_free=shape.packed,
+        dataset_kwargs={"skip_prepare_dataset": True} if shape.packed else None,
         train_sampling_strategy="group_by_length" if d.group_by_length and not d.packing else "random",
         # Our dataset already carries labels (assistant-only, EOS supervised); TRL must not rebuild them.
         assistant_only_loss=False,
@@ -148,16 +147,29 @@ def keep_adapter_fp32(model) -> None:
             param.data = param.data.to(torch.float32)
 
 
-def load_tokenizer_and_template(recipe: Recipe):
-    """The base source, its checked tokenizer and the run's template, refusing a template the tokenizer can't express."""
+def load_tokenizer_and_template(recipe: Recipe, new_token_ids: list | None = None):
+    """The base source, its checked tokenizer and the run's template, refusing a template the tokenizer can't express.
+
+    data.add_tokens, and with data.add_template_tokens the template's missing tokens, are added to the tokenizer
+    first; their ids are appended to `new_token_ids`.
+    """
     source = resolve_base(recipe.model.base)
     tok = load_tokenizer(recipe, source)
     template = load_template(recipe.data.template, tok)
+    wanted = list(recipe.data.add_tokens)
+    if recipe.data.add_template_tokens:
+        wanted += check_tokenizer_supports(template, tok)
+    added = add_new_tokens(tok, wanted)
+    if added:
+        log.info("added %d tokens to the tokenizer: %s", len(added), tok.convert_ids_to_tokens(added))
+    if new_token_ids is not None:
+        new_token_ids.extend(added)
     missing = check_tokenizer_supports(template, tok)
     if missing:
         raise data_mod.DataError(
             f"data.template: template {template.name} needs special tokens the tokenizer lacks: {missing}; "
-            "use a template made for this model (see data_templates/README.md) or `template: tokenizer`")
+            "use a template made for this model (see data_templates/README.md), `template: tokenizer`, or "
+            "data.add_template_tokens: true to add and train them")
     problems = data_mod.check_template_tokens(tok, template)
     if problems:
         raise data_mod.DataError("; ".join(problems))
@@ -179,8 +191,10 @@ def train(recipe: Recipe, recipe_path: str | Path, resume: bool = False, force: 
 
     run = Path(recipe.output_dir)
     check_run_dir(run, resume)
-    run.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run).acquire() if rundir.is_main_process() else None
+    main = rundir.is_main_process()
+    if main:  # the other ranks (on other machines, maybe) never write the run directory, nor create it
+        run.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run).acquire() if main else None
     env = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
@@ -198,7 +212,7 @@ def _train(recipe: Recipe, recipe_path: str | Path, resume: bool, force: bool, o
     """The recipe, step by step: each step is one function below, in this order."""
     r = setup(recipe, recipe_path, resume, force, overrides, lock)
     prepared = prepare_data(r)
-    model = build_model(r)
+    model = build_model(r, prepared)
     trainer = build_trainer(r, prepared, model)
     run_trainer(r, trainer, model)
     save_adapter(r, trainer, model)
@@ -224,7 +238,10 @@ class Session:
     source: object = None
     tok: object = None
     template: object = None
+    new_token_ids: list = field(default_factory=list)
+    """Ids of the tokens data.add_tokens / add_template_tokens added: their embedding rows train."""
     shards: object = None
+    shape: StepShape | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -245,6 +262,7 @@ def setup(recipe: Recipe, recipe_path, resume: bool, force: bool, overrides: lis
     else:
         latest = ck.latest_complete(run / "checkpoints") if resume else None
         r.resume = resume_mod.ResumePlan(latest, ck.step_of(latest) if latest else 0)
+    resume_mod.check_world_size(r.resume.checkpoint, distributed.world_size())  # every rank: none may go on alone
     r.hw = detect_hardware(recipe.train.device)
     r.precision = choose_precision(recipe, r.hw)
     for w in r.precision.warnings:
@@ -253,12 +271,16 @@ def setup(recipe: Recipe, recipe_path, resume: bool, force: bool, overrides: lis
 
     r.checkpointing, r.checkpointing_why = checkpointing_for_run(recipe, r.hw)
     log.info("gradient checkpointing %s", r.checkpointing_why)
+    distributed.check_sharding_hardware(r.hw.cuda)
     problems = distributed.sharding_problems(recipe)
     if problems:
         from finetune.recipe import RecipeError
 
         raise RecipeError([f"{recipe_path}: {p}" for p in problems])
-    r.source, r.tok, r.template = load_tokenizer_and_template(recipe)
+    problem = lora_hardware_problem(recipe, r.hw)
+    if problem:
+        raise LoraHardwareError(problem)
+    r.source, r.tok, r.template = load_tokenizer_and_template(recipe, r.new_token_ids)
     return r
 
 
@@ -267,6 +289,8 @@ def prepare_data(r: Session):
     the held-out rows and the manifest, and the reader gets the data summary."""
     recipe, run = r.recipe, r.run
     prepared = data_mod.prepare_for(recipe, r.tok, r.template)
+    r.shape = data_mod.shape_for_method(recipe, prepared.train, r.precision.attn_implementation)
+    prepared.report["steps"] = r.shape.to_dict()
     if not r.main:
         return prepared
     rundir.write_text(run / "resolved.yaml", recipe_to_yaml(recipe))
@@ -301,7 +325,7 @@ def prepare_data(r: Session):
     return prepared
 
 
-def build_model(r: Session):
+def build_model(r: Session, prepared=None):
     """The 4-bit base (tokenizer-aligned, no KV cache) with LoRA attached, seeded like the run it resumes."""
     model = load_base(r.recipe, r.source, r.precision, r.hw)
     resize_for_tokenizer(model, r.tok)
@@ -318,9 +342,36 @@ def build_model(r: Session):
     if r.recipe.model.adapter:  # continue from an existing adapter (SFT -> DPO), trainable
         model = load_start_adapter(model, r.recipe, r.checkpointing)
     else:
-        model = attach_lora(model, r.recipe, r.checkpointing)
+        eva = _eva_batches(r, prepared) if r.recipe.lora.init == "eva" else None
+        model = attach_lora(model, r.recipe, r.checkpointing, r.new_token_ids, eva)
     model.peft_config["default"].base_model_name_or_path = r.source.hf_path
+    if r.recipe.lora.init in CONVERTED_INITS and r.main:
+        # PiSSA/OLoRA rewrote the base as a residual: keep the initial adapter, so that save_adapter can convert
+        # the trained one (peft's path_initial_model_for_weight_conversion) into plain LoRA on the original base.
+        model.save_pretrained(r.run / INITIAL_ADAPTER, selected_adapters=["default"])
     return model
+
+
+CONVERTED_INITS = ("pissa", "olora")
+INITIAL_ADAPTER = "initial_adapter"
+
+
+def _eva_batches(r: Session, prepared) -> list[dict]:
+    """lora.eva_batches padded micro-batches of the training examples (labels keep EVA to supervised tokens)."""
+    import torch
+
+    size = r.recipe.train.micro_batch_size
+    rows = prepared.train.select(range(min(len(prepared.train), r.recipe.lora.eva_batches * size)))
+    batches = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i:i + size]
+        n = max(len(x) for x in chunk["input_ids"])
+        ids = [x + [r.tok.pad_token_id] * (n - len(x)) for x in chunk["input_ids"]]
+        labels = [y + [-100] * (n - len(y)) for y in chunk["labels"]]
+        mask = [[1] * len(x) + [0] * (n - len(x)) for x in chunk["input_ids"]]
+        batches.append({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
+                        "labels": torch.tensor(labels)})
+    return batches
 
 
 def build_trainer(r: Session, prepared, model):
@@ -338,12 +389,19 @@ def build_trainer(r: Session, prepared, model):
     if prepared.held_out:
         data = r.recipe.data.model_copy(update={"too_long": "truncate"})
         held_ds = data_mod.to_dataset(data_mod.encode_all(prepared.held_out, r.tok, r.template, data)[0])
-    args = sft_config(r.recipe, r.precision, r.hw, r.run, held_ds is not None, len(prepared.train), r.checkpointing)
-    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=held_ds,
+    args = sft_config(r.recipe, r.precision, r.hw, r.run, held_ds is not None, r.shape, r.checkpointing)
+    train_ds = pack(prepared.train, r.shape) if r.shape.packed else prepared.train
+    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=held_ds,
                                 processing_class=r.tok, callbacks=[JsonlLogCallback(r.run / "train_log.jsonl")],
                                 on_nan=r.recipe.train.on_nan, resume_command=r.command)
-    if not distributed.sharded():  # FSDP/ZeRO-3 flatten adapters with the base: they keep the storage dtype
+    if not distributed.sharded() or r.precision.dtype_name == "float32":
+        # FSDP/ZeRO-3 with 16-bit storage keep TRL's bf16 adapters (one dtype per flattened unit); with fp32
+        # storage (CPU ranks) bf16 adapters would only lose precision.
         keep_adapter_fp32(trainer.model)
+    if not distributed.sharded():  # the loss in token chunks where TRL's fused head has no Triton (finetune/loss.py)
+        from finetune.loss import install as chunked_loss
+
+        chunked_loss(trainer.model)
     return trainer
 
 
@@ -410,7 +468,9 @@ def save_adapter(r: Session, trainer, model) -> None:
     try:
         with rundir.publishing_dir(adapter) as staging:
             # "default" only: a preference run may hold TRL's frozen reference copy ("ref") beside it
-            model.save_pretrained(staging, safe_serialization=True, state_dict=full_state, selected_adapters=["default"])
+            initial = r.run / INITIAL_ADAPTER if r.recipe.lora.init in CONVERTED_INITS else None
+            model.save_pretrained(staging, safe_serialization=True, state_dict=full_state, selected_adapters=["default"],
+                                  path_initial_model_for_weight_conversion=str(initial) if initial else None)
             r.tok.chat_template = r.template.source  # one template from training to every export
             r.tok.save_pretrained(staging)
             # The marker (sizes + sha256 of every file) lets merge/eval/export name a damaged file in one line.
