@@ -23,8 +23,8 @@ from finetune import rundir
 from finetune.data import prompt_ids, render_ids_and_mask
 from finetune.errors import UserError
 from finetune.hardware import Hardware, Precision, detect_hardware
-from finetune.models import (BaseSource, dequantize_4bit_layers, four_bit_modules, keep_training_nf4_layout, load_base,
-                             resize_for_tokenizer)
+from finetune.models import (BaseSource, dequantize_4bit_layers, dequantize_8bit_layers, eight_bit_modules,
+                             four_bit_modules, keep_training_nf4_layout, load_base, quantized_base, resize_for_tokenizer)
 from finetune.recipe import Recipe, load_resolved
 from finetune.report import write_report
 from finetune.templates import ChatTemplate, saved_template
@@ -93,38 +93,42 @@ def read_run(run: Path) -> RunInfo:
 
 
 def merge_lora(peft_model):
-    """Add each LoRA delta (B·A·alpha/r, computed in fp32) to its dense base weight; return the plain model.
+    """Fold the adapter into its dense base with peft's own merge (merge_and_unload); return the plain model.
 
-    Refuses a model that is still 4-bit in memory: adding the delta to a 4-bit layer means re-quantising
-    the sum, which rounds most of the (small) delta away. Dequantise first.
+    peft merges every variant the recipe can ask for: plain and rsLoRA deltas (B·A·scaling, computed in the
+    adapter's fp32), DoRA (the magnitude vector rescales each merged row), trainable token rows (written into the
+    embedding rows) and modules_to_save (the trained copies replace the originals).
+
+    Refuses a model that is still quantized in memory: adding the delta to a 4-bit (or 8-bit) layer means
+    re-quantising the sum, which rounds most of the (small) delta away. Dequantise first (dense_adapter_model).
     """
+    from peft.tuners.lora import Linear as DenseLoraLinear
     from peft.tuners.lora import LoraLayer
 
-    still = four_bit_modules(peft_model)
+    still = four_bit_modules(peft_model) + eight_bit_modules(peft_model)
     if still:
         raise MergeError(
             f"refusing to merge into a model that is still 4-bit in memory ({len(still)} layers, e.g. {still[0]}): "
             "the sum would be re-quantised to NF4 and most of the LoRA update rounded away. Dequantise the base "
             "first (finetune merge --base dequantized does this).")
-    wrappers = [(name, mod) for name, mod in peft_model.named_modules() if isinstance(mod, LoraLayer)]
-    for name, mod in wrappers:
-        base = mod.get_base_layer()
-        for adapter in mod.active_adapters:
-            if adapter not in mod.lora_A:
-                continue
-            if adapter in getattr(mod, "lora_variant", {}) or mod.lora_bias.get(adapter):
-                raise MergeError(f"{name}: DoRA / LoRA-bias adapters are not supported by finetune merge")
-            a = mod.lora_A[adapter].weight.to(torch.float32)
-            b = mod.lora_B[adapter].weight.to(torch.float32)
-            delta = (b @ a) * mod.scaling[adapter]
-            if getattr(mod, "fan_in_fan_out", False):
-                delta = delta.T
-            with torch.no_grad():
-                w = base.weight
-                w.copy_((w.to(torch.float32) + delta.to(w.device)).to(w.dtype))
-        parent_name, _, child = name.rpartition(".")
-        setattr(peft_model.get_submodule(parent_name), child, base)
-    return peft_model.get_base_model()
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer) and not isinstance(mod, DenseLoraLinear):
+            raise MergeError(f"{name}: {type(mod).__module__}.{type(mod).__name__} is not peft's dense LoRA layer; "
+                             "load the adapter onto the dequantized base (dense_adapter_model) before merging")
+    return peft_model.merge_and_unload(safe_merge=True)
+
+
+def dense_adapter_model(peft_model, adapter_dir: Path, dtype: torch.dtype):
+    """The same adapter on dense dequant(quantized W) layers: peft's unload() gives back the quantized base, each
+    quantized layer becomes a plain Linear holding exactly the weights training used, and the adapter is loaded
+    again onto it, so peft wraps dense layers and merges with its dense code."""
+    from peft import PeftModel
+
+    base = peft_model.unload()
+    n = dequantize_4bit_layers(base, dtype) + dequantize_8bit_layers(base, dtype)
+    log.info("merge: dequantised %d quantized layers to %s", n, dtype)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +276,7 @@ def merge_run(run: Path, base: str = "dequantized") -> Path:
     tok, template = info.tok, info.template
     stop_ids = list(dict.fromkeys(tok.convert_tokens_to_ids(t) for t in template.stop_tokens(tok)))
     probes = probe_set(run, tok, template)
-    quantized = info.recipe.quantization.load_in_4bit
+    quantized = quantized_base(info.recipe)
 
     # 1. The reference: the adapter on the base exactly as training saw it (4-bit when training was).
     model = _load_with_adapter(info, hw, quantized=quantized)
@@ -285,8 +289,8 @@ def merge_run(run: Path, base: str = "dequantized") -> Path:
 
     # 2. The dense base the delta goes into.
     if base == "dequantized":
-        n = dequantize_4bit_layers(model, info.precision.compute_dtype) if quantized else 0
-        log.info("merge: dequantised %d 4-bit layers to %s", n, info.precision.dtype_name)
+        if quantized:
+            model = dense_adapter_model(model, run / rundir.ADAPTER, info.precision.compute_dtype)
     else:
         del model
         model = _load_with_adapter(info, hw, quantized=False)

@@ -252,6 +252,9 @@ def quantization_config(recipe, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     q = recipe.quantization
+    if q.load_in_8bit:
+        # LLM.int8: int8 weights with per-row scales; bitsandbytes 0.50 runs it (forward and backward) on a CPU too.
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -273,7 +276,7 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
     """The frozen base: 4-bit when the recipe says so, on the local device (one whole copy per process)."""
     from transformers import AutoModelForCausalLM
 
-    quantized = recipe.quantization.load_in_4bit if quantized is None else quantized
+    quantized = quantized_base(recipe) if quantized is None else quantized
     kwargs = dict(
         dtype=precision.compute_dtype,
         attn_implementation=precision.attn_implementation,
@@ -293,9 +296,14 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
         model = AutoModelForCausalLM.from_pretrained(source.hf_path, **kwargs)
     except OSError as e:
         raise ModelSourceError(f"model.base: cannot load {source.spec!r}: {str(e).splitlines()[0]}") from None
-    if quantized:
+    if quantized and recipe.quantization.load_in_4bit:
         keep_training_nf4_layout(model)
     return model
+
+
+def quantized_base(recipe) -> bool:
+    """The base is loaded by bitsandbytes (4-bit NF4/FP4 or 8-bit LLM.int8)."""
+    return recipe.quantization.load_in_4bit or recipe.quantization.load_in_8bit
 
 
 def keep_training_nf4_layout(model) -> int:
@@ -316,10 +324,12 @@ def keep_training_nf4_layout(model) -> int:
     return len(mods)
 
 
-def attach_lora(model, recipe, gradient_checkpointing: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def attach_lora(model, recipe, gradient_checkpointing: bool, new_token_ids: list[int] = (), eva_batches=None):
+    """LoRA as the recipe says, through peft; `new_token_ids` (data.add_tokens / add_template_tokens) train as
+    rows of the input and output embeddings; `eva_batches` (init: eva) are the training batches EVA decomposes."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.quantization.load_in_4bit and not distributed.sharded():
+    if quantized_base(recipe) and not distributed.sharded():
         # Casts norms/embeddings to fp32 and enables input grads, as the QLoRA recipe does. Not under FSDP/ZeRO-3:
         # fp32 norms next to bf16-stored 4-bit weights would break their flattening into one sharded tensor.
         model = prepare_model_for_kbit_training(
@@ -328,22 +338,116 @@ def attach_lora(model, recipe, gradient_checkpointing: bool):
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    config = lora_config(recipe, model, new_token_ids)
+    try:
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=recipe.lora.init == "eva")
+    except ValueError as e:
+        raise ModelSourceError(f"lora: peft refused this configuration: {str(e).splitlines()[0]}") from None
+    if recipe.lora.init == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        # peft's QLoRA path: the NF4 base stays as loaded; A/B are fitted to W - dequant(NF4(W)), W read from the
+        # base's safetensors.
+        path = model.config._name_or_path
+        replace_lora_weights_loftq(peft_model, model_path=path if Path(path).is_dir() else None)
+    elif recipe.lora.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        initialize_lora_eva_weights(peft_model, dataloader=eva_batches, show_progress_bar=False)
+    _expose_head_bias(peft_model)
+    return peft_model
+
+
+def _expose_head_bias(peft_model) -> None:
+    """TRL's fused LM head reads `lm_head.weight` and `lm_head.bias`. peft's TrainableTokensWrapper answers `weight`
+    with the merged weight (base rows + the trainable new rows, differentiable), but has no `bias`: give it the
+    wrapped layer's (None on LLaMA-family heads), so the new rows of an untied head train (internals.py records it)."""
+    head = peft_model.get_output_embeddings()
+    if type(head).__name__ == "TrainableTokensWrapper" and "bias" not in vars(head):
+        base = head.original_module
+        if getattr(base, "bias", None) is None:
+            head.bias = None
+
+
+PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True, "eva": "eva"}
+"""lora.init -> peft's init_lora_weights. loftq on a 4-bit base starts as default and is then replaced by
+peft's replace_lora_weights_loftq (LoraConfig's own init_lora_weights='loftq' would quantise the base itself)."""
+
+
+def lora_config(recipe, model, new_token_ids: list[int] = ()):
+    """The recipe's lora section as peft's LoraConfig: each key maps to peft's own option."""
+    from peft import EvaConfig, LoraConfig
+
     lora = recipe.lora
-    config = LoraConfig(
+    to_save = list(lora.modules_to_save) or None
+    tokens = None
+    if new_token_ids:
+        # The new rows of the input embedding and, untied, of the output embedding (peft ties them when the model
+        # does); a module trained in full through modules_to_save already holds its new rows.
+        names = {"embed_tokens": _module_leaf(model, model.get_input_embeddings()),
+                 "lm_head": _module_leaf(model, model.get_output_embeddings())}
+        tokens = {leaf: list(new_token_ids) for leaf in names.values()
+                  if leaf and leaf not in (lora.modules_to_save or [])} or None
+    return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
         bias="none", task_type="CAUSAL_LM",
+        use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+        init_lora_weights=PEFT_INIT[lora.init],
+        eva_config=EvaConfig(rho=lora.eva_rho) if lora.init == "eva" else None,
+        modules_to_save=to_save, layers_to_transform=lora.layers_to_transform,
+        rank_pattern=dict(lora.rank_pattern), alpha_pattern=dict(lora.alpha_pattern),
+        trainable_token_indices=tokens,
     )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:
-        raise ModelSourceError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def _module_leaf(model, module) -> str | None:
+    if module is None:
+        return None
+    return next((name.rpartition(".")[2] for name, m in model.named_modules() if m is module), None)
+
+
+class LoraHardwareError(UserError):
+    """A LoRA option this machine cannot run."""
+
+
+def lora_hardware_problem(recipe, hw) -> str | None:
+    """One line when the recipe's LoRA options need hardware this machine lacks (checked before loading)."""
+    if recipe.lora.init == "loftq" and not hw.cuda:
+        return ("lora.init: loftq on a 4-bit base runs through peft's replace_lora_weights_loftq, which computes on "
+                f"a CUDA/XPU GPU and this machine has none ({hw.name}); use init: default, gaussian or eva here, or "
+                "run on a GPU")
+    return None
+
+
+def add_new_tokens(tok, tokens: list[str]) -> list[int]:
+    """Add the tokens the tokenizer would split (as special tokens, never split, never normalised); their ids."""
+    from tokenizers import AddedToken
+
+    missing = [t for t in dict.fromkeys(tokens) if not _single_token(tok, t)]
+    if not missing:
+        return []
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                          for t in missing]},
+                           replace_extra_special_tokens=False)
+    return [tok.convert_tokens_to_ids(t) for t in missing]
+
+
+def _single_token(tok, text: str) -> bool:
+    ids = tok.encode(text, add_special_tokens=False)
+    return len(ids) == 1 and ids[0] != tok.unk_token_id
 
 
 def resize_for_tokenizer(model, tok) -> None:
-    """Grow the embeddings if fix_pad_token had to add a token (rare)."""
+    """Grow the embeddings for tokens the tokenizer gained (fix_pad_token, data.add_tokens).
+
+    transformers initialises new rows from a normal around the old rows' mean: seeded here, so training, resume,
+    merge and eval all start from the same rows (trained rows are replaced by the adapter's anyway).
+    """
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(len(tok))
+            model.resize_token_embeddings(len(tok))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,3 +502,34 @@ def _forget_quantization(model) -> None:
     for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(inner, attr, False):
             setattr(inner, attr, False)
+
+
+def eight_bit_modules(model) -> list[str]:
+    """Names of modules whose weight is still int8 (bitsandbytes Int8Params, LLM.int8)."""
+    return [name for name, mod in model.named_modules()
+            if type(getattr(mod, "weight", None)).__name__ == "Int8Params"]
+
+
+def dequantize_8bit_layers(model, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes Linear8bitLt by a plain Linear holding its int8 weight times its row scales
+    (bitsandbytes' own int8_vectorwise_dequant), the weight LLM.int8 multiplies by."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import int8_vectorwise_dequant
+
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear8bitLt)]
+    for name, mod in targets:
+        # The row scales sit on the weight until the first forward, which moves them to the layer's MatmulLtState.
+        scb = mod.weight.SCB if mod.weight.SCB is not None else mod.state.SCB
+        w = int8_vectorwise_dequant(mod.weight.data, scb).to(dtype)
+        dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device,
+                                dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if mod.bias is not None:
+                dense.bias.copy_(mod.bias.to(dtype))
+        dense.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    if targets:
+        _forget_quantization(model)
+    return len(targets)

@@ -95,6 +95,22 @@ class QuantizationSection(_Section):
     """Dtype of the matmuls and autocast. bfloat16 falls back to float32, with a warning, where unsupported."""
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     """Storage dtype of packed 4-bit weights; set it to the compute dtype for FSDP so the weights can shard."""
+    load_in_8bit: bool = False
+    """Load the frozen base in 8-bit (bitsandbytes LLM.int8) instead: the third choice beside 4-bit and none. Setting
+    it turns load_in_4bit off unless that is also set (both true is an error)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eight_bit_replaces_four(cls, data):
+        if isinstance(data, dict) and data.get("load_in_8bit") is True and "load_in_4bit" not in data:
+            return {**data, "load_in_4bit": False}
+        return data
+
+    @model_validator(mode="after")
+    def _one_quantization(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both true; choose one (or neither for a 16-bit base)")
+        return self
 
 
 class LoraSection(_Section):
@@ -106,6 +122,34 @@ class LoraSection(_Section):
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """Modules to adapt: all-linear, or a list of names such as [q_proj, v_proj]."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r (peft's use_rslora)."""
+    use_dora: bool = False
+    """DoRA: a learned magnitude per output row on top of the LoRA direction (peft's use_dora). On a 4-bit base
+    this is QDoRA; it costs one extra vector per adapted layer and a weight-norm computation per step."""
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"] = "default"
+    """How LoRA A/B start (peft's init_lora_weights). default: B = 0 (the adapter starts as a no-op); gaussian;
+    pissa / olora: from the SVD / QR of the base weight, which is rewritten as the residual (16-bit base only; the
+    adapter is saved converted to plain LoRA on the original base); loftq: A/B fitted to the 4-bit quantisation
+    error, W - dequant(NF4(W)) (4-bit base only, needs a CUDA GPU); eva: from the SVD of the layers' inputs on
+    eva_batches batches of the training data (ranks are redistributed, see eva_rho)."""
+    loftq_iter: int = Field(1, gt=0)
+    """init: loftq: alternating iterations (peft's LoftQConfig.loftq_iter)."""
+    eva_batches: int = Field(8, gt=0)
+    """init: eva: batches of training data whose layer inputs are decomposed."""
+    eva_rho: float = Field(2.0, ge=1)
+    """init: eva: rank redistribution (peft's EvaConfig.rho); 1 keeps r in every layer, larger lets a layer
+    take up to rho * r."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. [lm_head] or [embed_tokens] (peft's
+    modules_to_save). Listing embed_tokens/lm_head makes the new tokens of data.add_tokens train through the
+    whole matrix instead of only their rows."""
+    layers_to_transform: list[int] | None = None
+    """Adapt only these decoder layers (indices from 0), e.g. [0, 1]. Needs target_modules as a list."""
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    """Per-module ranks overriding r: a name or regex -> rank, e.g. {q_proj: 32} or {'layers\\.0\\.': 4}."""
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    """Per-module alphas overriding alpha, keyed like rank_pattern."""
 
     @field_validator("target_modules")
     @classmethod
@@ -113,6 +157,28 @@ class LoraSection(_Section):
         if isinstance(v, list) and not v:
             raise ValueError("must list at least one module name, or be all-linear")
         return v
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, r in v.items() if r <= 0]
+        if bad:
+            raise ValueError(f"ranks must be positive integers ({bad[0]!r} is not)")
+        return v
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layer_indices(cls, v):
+        if v is not None and (not v or min(v) < 0):
+            raise ValueError("list one or more layer indices >= 0, or leave it null for every layer")
+        return v
+
+    @model_validator(mode="after")
+    def _peft_combinations(self):
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("lora.layers_to_transform needs lora.target_modules as a list (e.g. [q_proj, v_proj]); "
+                             "peft cannot combine it with all-linear")
+        return self
 
 
 DataFormat = Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference",
@@ -172,6 +238,13 @@ class DataSection(_Section):
     """What to do with an example longer than max_length. Rows left with no supervised token are dropped and counted."""
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row stops the run (error) or is skipped and counted in the report (skip)."""
+    add_tokens: list[str] = Field(default_factory=list)
+    """Special tokens to add to the tokenizer, e.g. ['<tool_call>']. The embeddings grow and only the new rows
+    train (peft's trainable_token_indices, input and output embeddings), unless lora.modules_to_save lists the
+    embedding; the tokenizer with the new tokens is saved with the adapter."""
+    add_template_tokens: bool = False
+    """Add the template's special tokens the tokenizer lacks (e.g. <|im_start|>, <|im_end|> for chatml on a base
+    without them), trained like add_tokens. Off: such a template is refused."""
 
     @field_validator("template")
     @classmethod
@@ -559,7 +632,7 @@ def _show(value: Any) -> str:
 
 def _check_paths(recipe: Recipe) -> list[str]:
     """Cross-field checks that need the whole recipe."""
-    problems = []
+    problems = lora_quantization_problems(recipe)
     for i, task in enumerate(recipe.eval.tasks):
         if task.kind in ("generate", "multiple_choice") and not task.path:
             problems.append(f"eval.tasks[{i}].path: required for kind {task.kind} (give a JSONL file)")
@@ -607,6 +680,25 @@ def _method_problems(recipe: Recipe) -> list[str]:
     if recipe.model.adapter and not recipe.lora.model_fields_set <= {"dropout"}:
         problems.append("lora: the starting adapter (model.adapter) fixes the LoRA shape; remove lora.r, "
                         "lora.alpha and lora.target_modules")
+    return problems
+
+
+def lora_quantization_problems(recipe: Recipe) -> list[str]:
+    """LoRA options that peft cannot apply to the base as the recipe loads it: one line each, saying what works."""
+    lora, q = recipe.lora, recipe.quantization
+    problems = []
+    bits = "4-bit" if q.load_in_4bit else "8-bit" if q.load_in_8bit else None
+    if lora.init in ("pissa", "olora") and bits:
+        problems.append(f"lora.init: {lora.init} rewrites the base weights as a full-precision residual, which a "
+                        f"{bits} base cannot hold as trained (peft re-quantises or refuses it); on a {bits} base use "
+                        "init: default, gaussian, eva" + (" or loftq" if q.load_in_4bit else "") +
+                        f", or set quantization.load_in_4bit: false (and load_in_8bit: false) for {lora.init}")
+    if lora.init == "loftq" and not q.load_in_4bit:
+        problems.append("lora.init: loftq fits LoRA to the 4-bit quantisation error, and this base is not loaded in "
+                        "4-bit; use it with quantization.load_in_4bit: true, or init: default/pissa/olora here")
+    if lora.init in ("pissa", "olora", "loftq") and lora.use_dora:
+        problems.append(f"lora.use_dora: DoRA with init: {lora.init} is not supported here (peft's weight "
+                        "conversion is for plain LoRA); use init: default, gaussian or eva with DoRA")
     return problems
 
 
