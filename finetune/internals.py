@@ -127,6 +127,18 @@ RECORDS: tuple[Internal, ...] = (
       "GuardedSFTTrainer's override does not call this one (trl 1.16's only writes a model card README.md into the "
       "checkpoint): when its code changes, check that skipping it is still harmless", ("finetune/guard.py",),
       params=("model", "trial"), source_sha="b6ee0a370c26"),
+    # --- trl: the fused LM head SFTTrainer installs; finetune/loss.py serves its calls on devices without Triton
+    I("trl", "trl.trainer.utils.add_fused_lm_head",
+      "loss.install wraps the forward this patches in and answers `fused_lm_head=True` itself (same kwargs: labels, "
+      "shift_labels, num_items_in_batch; same shift, -100 mask and loss): when its code changes, re-read it and port "
+      "the change to finetune/loss.py", ("finetune/loss.py",), source_sha="422d009f04b6"),
+    I("trl", "trl.trainer.utils.FusedCausalLMOutput",
+      "the output loss.fused_output builds (loss, log_probs, entropy, is_top1, label_mask)", ("finetune/loss.py",),
+      params=("loss", "log_probs", "entropy", "is_top1", "label_mask")),
+    I("trl", "trl.SFTTrainer.compute_loss",
+      "calls model(**inputs, fused_lm_head=True) and reads log_probs, entropy, is_top1, label_mask: what loss.install "
+      "must return; when its code changes, check which fields it reads", ("finetune/loss.py",),
+      params=("model", "inputs", "return_outputs", "num_items_in_batch"), source_sha="ca448211ff65"),
     I("trl", "trl.trainer.utils.compute_flops_per_token",
       "undocumented helper: FLOPs per token for the MFU figure", ("bench/gpu.py",)),
     I("trl", "trl.trainer.utils.get_peak_flops",

@@ -1,0 +1,103 @@
+"""The chunked SFT loss (finetune/loss.py) equals the plain full-logits loss, in value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune import loss as L
+
+
+def _plain(hidden, weight, targets):
+    z = hidden @ weight.t()
+    logp = torch.log_softmax(z.float(), -1)
+    lp = logp.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return lp, entropy, z.argmax(-1) == targets
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_chunks_equal_full_logits(train_head):
+    """Several chunks (the last one partial): log-probs, entropy, top-1 and the gradients of hidden (and of the
+    head when it trains) equal the full-logits computation to fp32 rounding."""
+    torch.manual_seed(0)
+    n, h, v = 23, 16, 97
+    hidden = torch.randn(n, h, dtype=torch.float64).float().requires_grad_()
+    weight = (torch.randn(v, h) * 0.5).requires_grad_(train_head)
+    targets = torch.randint(0, v, (n,))
+    targets[3] = int((hidden[3] @ weight.t()).argmax())  # one sure top-1
+    g = torch.randn(n)  # a non-uniform incoming gradient
+
+    lp, ent, top1 = L.chunked_log_probs(hidden, weight, targets, chunk=5)
+    (lp * g).sum().backward()
+    got = hidden.grad.clone(), weight.grad.clone() if train_head else None
+    hidden.grad = weight.grad = None
+    lp0, ent0, top10 = _plain(hidden, weight, targets)
+    (lp0 * g).sum().backward()
+
+    torch.testing.assert_close(lp, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(top1, top10) and bool(top1[3])
+    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    if train_head:
+        torch.testing.assert_close(got[1], weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def _lora_model(model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer does
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+def test_model_loss_and_grads_equal_plain(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """Through the model as TRL's SFTTrainer calls it (fused_lm_head=True): masked labels (-100), a supervised end
+    token, and gradient accumulation's num_items_in_batch. Loss and every LoRA gradient equal the model's own
+    full-logits loss; entropy and token accuracy (TRL's metrics) equal the full logits' too."""
+    model = _lora_model(tiny_model_dir)
+    assert L.install(model)
+    monkeypatch.setattr(L, "CHUNK_BYTES", 4 * model.config.vocab_size * 3)  # 16-token chunks: several per batch
+    eos = tiny_tokenizer.eos_token_id
+    torch.manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[0, :9] = -100  # the prompt
+    labels[1, :4] = labels[1, 20:] = -100  # prompt and padding
+    ids[0, -1] = labels[0, -1] = eos  # the end token is supervised
+    ids[1, 19] = labels[1, 19] = eos
+    n_items = 50  # tokens of the whole accumulated step, more than this micro-batch's 31
+
+    def grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=n_items, **kw)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused, g1 = grads(fused_lm_head=True)
+    plain, g0 = grads()
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert int(fused.label_mask.sum()) == 31 == int((labels[:, 1:] != -100).sum())
+    assert g1.keys() == g0.keys() and len(g0) > 0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+    logp = torch.log_softmax(plain.logits[:, :-1].float(), -1)
+    mask = labels[:, 1:] != -100
+    entropy = -(logp.exp() * logp).sum(-1)[mask]
+    torch.testing.assert_close(fused.entropy[mask], entropy, rtol=1e-4, atol=1e-5)
+    top1 = (plain.logits[:, :-1].argmax(-1) == labels[:, 1:])[mask]
+    assert torch.equal(fused.is_top1[mask], top1)
+
+
+def test_chunk_never_holds_all_logits():
+    """The planner's logits term: full logits grow with the tokens, chunked ones stop at the chunk."""
+    v = 128256  # Llama-3
+    full = L.logits_bytes(2048, v, chunked=False)
+    assert full == 3 * 4 * v * 2048  # logits, log-softmax and its gradient: the fp32 logits alone are 0.98 GiB
+    assert L.logits_bytes(2048, v, chunked=True) < 2 * L.CHUNK_BYTES + 16 * 2048 + 1
+    assert L.logits_bytes(8192, v, True) - L.logits_bytes(2048, v, True) == 16 * 6144
