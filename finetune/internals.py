@@ -110,6 +110,15 @@ RECORDS: tuple[Internal, ...] = (
     I("transformers", "transformers.PreTrainedTokenizerFast._tokenizer",
       "fallback to the tokenizers backend when backend_tokenizer is missing (data.cache.tokenizer_fingerprint)",
       ("finetune/data/cache.py",), instance="_build_fast_tokenizer"),
+    # --- peft/bitsandbytes: new-token rows and 8-bit merge (issue 18)
+    I("peft", "peft.utils.other.TrainableTokensWrapper._getattr_wrapped",
+      "answers lm_head.weight with the merged weight (base + trainable new rows), which TRL's fused LM head reads; "
+      "models._expose_head_bias adds the missing .bias so an untied head's new rows train", ("finetune/models.py",),
+      params=("name", "modules")),
+    I("peft", "peft.utils.other.TrainableTokensWrapper.original_module",
+      "the wrapped head whose bias models._expose_head_bias copies", ("finetune/models.py",)),
+    I("bitsandbytes", "bitsandbytes.autograd._functions.MatmulLtState.SCB",
+      "an 8-bit layer's row scales after its first forward (models.dequantize_8bit_layers)", ("finetune/models.py",)),
     # --- peft: LoRA layer internals read by our own merge
     I("peft", "peft.tuners.lora.LoraLayer",
       "isinstance test for LoRA wrappers (merge.merge_lora)", ("finetune/merge.py",)),
