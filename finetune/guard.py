@@ -148,15 +148,22 @@ class _GuardCallback(TrainerCallback):
                 raise NonFiniteError(f"train: non-finite {what} at step {step}; stopped before applying it", step=step)
 
     def on_step_end(self, args, state, control, **kw):
-        if _any_rank(self.t.stop_signal is not None, self.t) and state.global_step < state.max_steps:
+        signum = int(_max_over_ranks(float(self.t.stop_signal or 0), self.t))
+        if signum and state.global_step < state.max_steps:
+            # A signal sent to one rank stops every rank at this step; each then reports it as its own.
+            self.t.stop_signal = signum
             control.should_save = True
             control.should_training_stop = True
 
 
 def _any_rank(flag: bool, trainer) -> bool:
     """All processes must agree on stopping or skipping, or DDP deadlocks at the next all-reduce."""
+    return bool(_max_over_ranks(1.0 if flag else 0.0, trainer))
+
+
+def _max_over_ranks(value: float, trainer) -> float:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=trainer.args.device)
+        return value
+    t = torch.tensor([value], device=trainer.args.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t.item())
