@@ -331,9 +331,13 @@ def merge(run_dir: Path = typer.Argument(..., help="Run directory (the recipe's 
 @user_errors
 def export(ctx: typer.Context,
            run_dir: Path = typer.Argument(..., help="Run directory (the recipe's output_dir)."),
-           formats: List[str] = typer.Option(..., "--format", help="hf, adapter, gguf, ollama; several may follow "
-                                             "one --format (--format gguf ollama adapter)."),
-           gguf_type: str = typer.Option("f16", "--gguf-type", help="f16 | bf16 | q8_0 | f32."),
+           formats: List[str] = typer.Option(..., "--format", help="hf, adapter, gguf, gguf_adapter, ollama; several "
+                                             "may follow one --format (--format gguf ollama adapter)."),
+           gguf_type: Optional[List[str]] = typer.Option(None, "--gguf-type", help="One or several GGUF types "
+                                               "(--gguf-type f16 q8_0 q6_k q5_k_m q4_k_m): f32/f16/bf16 written in "
+                                               "Python, the others (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k, "
+                                               "...) by llama.cpp's quantizer from the f16 file (default f16); the first is the "
+                                               "Modelfile's. With --verify: the fidelity ladder of every type."),
            verify: bool = typer.Option(False, "--verify", help="Check the GGUF against HF in llama.cpp "
                                        "(llama-cpp-python): tokenisation and logits; writes export/verify.json."),
            push: Optional[str] = typer.Option(None, "--push", help="Push the merged model (--format hf) to this "
@@ -341,18 +345,50 @@ def export(ctx: typer.Context,
     """Export the run: merged HF model, PEFT adapter, GGUF (pure Python) and an Ollama Modelfile.
     Merges first when merged/ is missing or older than the adapter."""
     from finetune import rundir
-    from finetune.export import NEEDS_MERGED, export_run, normalize_formats
+    from finetune.export import NEEDS_MERGED, export_run, gguf_types, normalize_formats
     from finetune.merge import merge_run
 
-    wanted = normalize_formats(_split_formats(formats + list(ctx.args)), verify)
+    fmts, types = _split_format_and_types(formats, gguf_type, list(ctx.args))
+    wanted = normalize_formats(fmts, verify)
+    types = gguf_types(types)
     if any(f in NEEDS_MERGED for f in wanted) and not rundir.merged_complete(run_dir):
         typer.echo("merged/ is missing or older than the adapter: merging first", err=True)
         merge_run(run_dir)
-    results = export_run(run_dir, wanted, gguf_type=gguf_type, verify=verify, push=push)
+    results = export_run(run_dir, wanted, gguf_type=types, verify=verify, push=push,
+                         task=_ladder_task(run_dir) if verify else None)
     for fmt in wanted:
-        typer.echo(f"{fmt}: {results[fmt]}")
+        val = results[fmt]
+        typer.echo(f"{fmt}: {val['lora']} on {val['base']}" if fmt == "gguf_adapter" else f"{fmt}: {val}")
     if verify and not results["verify"]["passed"]:
         raise typer.Exit(1)
+
+
+def _split_format_and_types(formats: List[str], types: List[str], extra: List[str]) -> tuple[list, list]:
+    """Click gives each option one value; the words after it arrive as extra arguments in one list. Format names
+    and GGUF type names do not overlap, so each extra word goes where its name belongs."""
+    from finetune.export import FORMATS
+    from finetune.export.quantize import ALL_TYPES
+
+    fmts, tys = _split_formats(formats), _split_formats(types or [])
+    for word in _split_formats(extra):
+        if word in FORMATS:
+            fmts.append(word)
+        elif word in ALL_TYPES:
+            tys.append(word)
+        else:
+            from finetune.errors import UserError
+
+            raise UserError(f"export: unexpected argument {word!r}; formats are {', '.join(FORMATS)} and GGUF types "
+                            f"{', '.join(ALL_TYPES)}")
+    return fmts, tys or ["f16"]
+
+
+def _ladder_task(run_dir: Path):
+    """The held-out generation task export's fidelity ladder scores (eval's tasks and metrics)."""
+    from finetune.evaluate.export_task import ladder_task
+    from finetune.recipe import load_resolved
+
+    return ladder_task(run_dir, load_resolved(Path(run_dir) / "resolved.yaml"))
 
 
 def _split_formats(formats: List[str]) -> List[str]:

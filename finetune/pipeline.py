@@ -104,7 +104,12 @@ def stage_export(recipe: Recipe, run: Path) -> StageOutcome:
 
     if export_complete(run, ex.formats, ex.gguf_type) and rundir.newer_than(run / rundir.EXPORT, run / rundir.MERGED):
         return StageOutcome("export", False, f"{', '.join(ex.formats)} complete and newer than merged/")
-    export_run(run, ex.formats, ex.gguf_type, ex.verify, None)
+    task = None
+    if ex.verify:
+        from finetune.evaluate.export_task import ladder_task
+
+        task = ladder_task(run, recipe)
+    export_run(run, ex.formats, ex.gguf_type, ex.verify, None, task=task)
     return StageOutcome("export", True, f"exported {', '.join(ex.formats)}")
 
 

@@ -399,11 +399,21 @@ class EvalSection(_Section):
     """Bootstrap resamples for the 95% confidence interval of each delta."""
 
 
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                   "q4_1", "q4_0", "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
+
+
 class ExportSection(_Section):
-    formats: list[Literal["hf", "adapter", "gguf", "ollama"]] = Field(default_factory=list)
+    formats: list[Literal["hf", "adapter", "gguf", "gguf_adapter", "ollama"]] = Field(default_factory=list)
     """Formats `finetune run` writes after merging."""
-    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
-    """Tensor type of the GGUF file."""
+    gguf_type: list[GGUFType] = Field(default_factory=lambda: ["f16"], min_length=1)
+    """GGUF type(s): one (gguf_type: q4_k_m) or a list ([f16, q8_0, q5_k_m, q4_k_m]). f32/f16/bf16 are written
+    in Python; the others by llama.cpp's own quantizer from the f16 file. With verify: the fidelity ladder."""
+
+    @field_validator("gguf_type", mode="before")
+    @classmethod
+    def _one_or_several(cls, v):
+        return [v] if isinstance(v, str) else v
     verify: bool = False
     """Check the GGUF against HF in llama.cpp (needs llama-cpp-python)."""
 

@@ -139,7 +139,11 @@ def _verify_section(run: Path) -> list[str]:
     ver = _load(run / "export" / "verify.json")
     if not ver:
         return []
-    return ["## Export verification (llama.cpp)", "", f"- {ver.get('summary', json.dumps(ver))}", ""]
+    lines = ["## Export verification (llama.cpp)", "", f"- {ver.get('summary', json.dumps(ver))}", ""]
+    table = (ver.get("ladder") or {}).get("table")
+    if table:  # the fidelity ladder: what each GGUF type costs the fine-tune (finetune.export.fidelity)
+        lines += ["### Fidelity ladder", "", table.strip(), ""]
+    return lines
 
 
 def _eval_section(run: Path) -> list[str]:

@@ -2,9 +2,12 @@
 
     RUN/export/hf/                 the merged model (hard links to merged/), pushed with --push REPO
     RUN/export/adapter/            the PEFT adapter, adapter_config.json naming the base (vLLM, TGI, PEFT)
-    RUN/export/gguf/NAME-TYPE.gguf llama.cpp, written in pure Python
-    RUN/export/gguf/Modelfile      Ollama, beside the GGUF
-    RUN/export/verify.json         llama.cpp vs HF (--verify)
+    RUN/export/gguf/NAME-TYPE.gguf llama.cpp: f32/f16/bf16 written in pure Python, every other type (q8_0,
+                                   q4_k_m, ...) made from the f16 one by llama.cpp's own quantizer
+    RUN/export/gguf/NAME-base-TYPE.gguf + NAME-lora.gguf
+                                   the base training computed with + the LoRA adapter in llama.cpp's layout
+    RUN/export/gguf/Modelfile      Ollama, beside the GGUF (Modelfile.adapter: FROM base + ADAPTER)
+    RUN/export/verify.json         llama.cpp vs HF (--verify), with the fidelity ladder of every type
     RUN/export/export.json         what was exported from which merge (for export_complete)
 
 Export reads merged/ but never merges: the CLI (or `finetune run`) runs `finetune merge` first.
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from finetune import rundir
@@ -26,7 +30,7 @@ from finetune.templates import ChatTemplate, saved_template
 
 log = logging.getLogger("finetune")
 
-FORMATS = ("hf", "adapter", "gguf", "ollama")
+FORMATS = ("hf", "adapter", "gguf", "gguf_adapter", "ollama")
 NEEDS_MERGED = ("hf", "gguf", "ollama")
 
 
@@ -47,11 +51,21 @@ def normalize_formats(formats: list[str], verify: bool = False) -> list[str]:
 
 def _source_token(run: Path, fmt: str) -> str | None:
     # What the export was made from, as the run directory records it (its merge marker, or the adapter's hash).
-    return rundir.adapter_sha(run) if fmt == "adapter" else rundir.merged_token(run)
+    return rundir.adapter_sha(run) if fmt in ("adapter", "gguf_adapter") else rundir.merged_token(run)
 
 
-def export_complete(run: Path, formats: list[str], gguf_type: str = "f16") -> bool:
-    """Every format was exported from the current merge/adapter, with this GGUF type, and its files exist."""
+def gguf_types(gguf_type: str | list[str]) -> list[str]:
+    """One type or several (a recipe's single string stays valid); unknown ones are one line listing the valid."""
+    from finetune.export.quantize import check_types
+
+    try:
+        return check_types([gguf_type] if isinstance(gguf_type, str) else list(gguf_type))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
+def export_complete(run: Path, formats: list[str], gguf_type: str | list[str] = "f16") -> bool:
+    """Every format was exported from the current merge/adapter, with these GGUF types, and its files exist."""
     run = Path(run)
     path = run / "export" / "export.json"
     if not path.is_file():
@@ -59,13 +73,16 @@ def export_complete(run: Path, formats: list[str], gguf_type: str = "f16") -> bo
     try:
         done = json.loads(path.read_text(encoding="utf-8")).get("formats", {})
         wanted = normalize_formats(list(formats))
+        types = gguf_types(gguf_type)
     except (ValueError, ExportError):
         return False
     for fmt in wanted:
         entry = done.get(fmt)
         if not entry or entry.get("source") != _source_token(run, fmt):
             return False
-        if fmt in ("gguf", "ollama") and entry.get("gguf_type") != gguf_type:
+        if fmt == "gguf" and not set(types) <= set(entry.get("gguf_types") or [entry.get("gguf_type")]):
+            return False
+        if fmt == "ollama" and entry.get("gguf_type") != types[0]:
             return False
         if not all((run / p).exists() for p in entry.get("files", [])):
             return False
@@ -147,13 +164,18 @@ def _probes_for_verify(run: Path, tok, template: ChatTemplate, limit: int = 8, m
     return seqs, texts
 
 
-def export_run(run: Path, formats: list[str], gguf_type: str = "f16", verify: bool = False,
-               push: str | None = None) -> dict:
-    """Export the run in each format; returns {format: path} (and "verify": the result dict when asked)."""
+def export_run(run: Path, formats: list[str], gguf_type: str | list[str] = "f16", verify: bool = False,
+               push: str | None = None, task: dict | None = None) -> dict:
+    """Export the run in each format; returns {format: path} (and "verify": the result dict when asked).
+
+    `gguf_type`: one type or several (f16 q8_0 q4_k_m ...). `task`: the held-out generation task the fidelity
+    ladder scores (built by finetune.evaluate.export_task.ladder_task; without it the ladder has no task column).
+    """
     from transformers import AutoTokenizer
 
     run = Path(run)
     formats = _check_request(run, formats, gguf_type, verify, push)
+    types = gguf_types(gguf_type)
     rundir.setup_logging(run, "export.log")
     recipe = load_resolved(run / "resolved.yaml")
     out = run / "export"
@@ -173,30 +195,53 @@ def export_run(run: Path, formats: list[str], gguf_type: str = "f16", verify: bo
     merged = run / "merged"
     tok = AutoTokenizer.from_pretrained(merged if merged.is_dir() else run / "adapter")
     template = saved_template(recipe.data.template, tok)
-    gguf_path = out / "gguf" / f"{name}-{gguf_type}.gguf"
-    if "gguf" in formats:
-        results["gguf"] = _export_gguf(run, gguf_path, gguf_type, tok, template, name, done)
-    if "ollama" in formats:
-        results["ollama"] = _export_ollama(run, gguf_path, gguf_type, tok, template, recipe, name, done)
-    if verify:
-        results["verify"] = _verify(run, gguf_path, gguf_type, tok, template)
+    paths = _gguf_paths(out / "gguf", name, types)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as work:
+        if "gguf" in formats:
+            results["gguf"] = _export_gguf(run, paths, types, tok, template, name, done)
+            results["gguf_files"] = {t: paths[t] for t in types}
+        if "gguf_adapter" in formats:
+            results["gguf_adapter"] = _export_gguf_adapter(run, out / "gguf", types, tok, template, recipe, name,
+                                                           Path(work), done)
+        if "ollama" in formats:
+            results["ollama"] = _export_ollama(run, paths[types[0]], types[0], tok, template, recipe, name, done)
+        if verify:
+            results["verify"] = _verify(run, paths, types, tok, template, task, results.get("gguf_adapter"))
+    _drop_unrequested_source(paths, types, done)
     rundir.write_json(record_path, record)
-    rundir.add_event(run, "export", formats=",".join(formats), gguf_type=gguf_type, verify=verify)
+    rundir.add_event(run, "export", formats=",".join(formats), gguf_type=",".join(types), verify=verify)
     write_report(run)
     return results
+
+
+def _gguf_paths(folder: Path, name: str, types: list[str]) -> dict[str, Path]:
+    """Where each type goes, the quantizer's source (f16, or f32) included even when it was not asked for."""
+    from finetune.export.quantize import source_type
+
+    return {t: folder / f"{name}-{t}.gguf" for t in dict.fromkeys(types + [source_type(types)])}
+
+
+def _drop_unrequested_source(paths: dict[str, Path], types: list[str], done: dict) -> None:
+    # The f16 the quantizer (and --verify's tokenisation check) read from goes when it was not asked for.
+    for t, p in paths.items():
+        if t not in types and p.exists():
+            p.unlink()
 
 
 def _rel(run: Path, p: Path) -> str:
     return str(p.relative_to(run))
 
 
-def _check_request(run: Path, formats: list[str], gguf_type: str, verify: bool, push: str | None) -> list[str]:
+def _check_request(run: Path, formats: list[str], gguf_type, verify: bool, push: str | None) -> list[str]:
     """The formats to write (normalised), after every check that needs no model loaded."""
-    from finetune.export.gguf import GGUF_TYPES
-
     formats = normalize_formats(list(formats), verify)
-    if gguf_type not in GGUF_TYPES:
-        raise ExportError(f"--gguf-type: must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})")
+    types = gguf_types(gguf_type)
+    if any(t not in ("f32", "f16", "bf16") for t in types) and "gguf" in formats:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ExportError(f"--gguf-type {' '.join(types)}: quantized types are made by llama.cpp's quantizer; "
+                              "pip install llama-cpp-python (or ask for f16/f32/bf16 only)")
     if push and "hf" not in formats:
         raise ExportError("--push: add --format hf (the merged model is what gets pushed)")
     if not (run / "adapter" / "adapter_config.json").is_file():
@@ -216,24 +261,74 @@ def _export_hf(run: Path, dst: Path, push: str | None, results: dict, done: dict
         done["hf"]["pushed_to"] = push
 
 
-def _export_gguf(run: Path, gguf_path: Path, gguf_type: str, tok, template: ChatTemplate, name: str,
+def _export_gguf(run: Path, paths: dict[str, Path], types: list[str], tok, template: ChatTemplate, name: str,
                  done: dict) -> Path:
+    """Our writer for f32/f16/bf16 (and the quantizer's source), llama.cpp's quantizer for every other type.
+    Returns the first requested type's path."""
+    from finetune.export.gguf import GGUFExportError, write_gguf
+    from finetune.export.quantize import WRITER_TYPES, QuantizeError, quantize_gguf, source_type
+
+    src = source_type(types)
+    made, fallbacks = {}, []
+    for t in [t for t in paths if t in WRITER_TYPES]:
+        try:
+            res = write_gguf(run / "merged", paths[t], t, chat_template=template.source,
+                             end_token=template.end_token(tok), name=name)
+        except GGUFExportError as e:
+            raise ExportError(str(e)) from None
+        fallbacks += res.fallbacks
+        made[t] = {"by": "finetune's GGUF writer"}
+        log.info("gguf: wrote %s (%d tensors, %s)", paths[t], res.tensors, t)
+    for t in [t for t in types if t not in WRITER_TYPES]:
+        try:
+            info = quantize_gguf(paths[src], paths[t], t)
+        except QuantizeError as e:
+            raise ExportError(str(e)) from None
+        made[t] = {"by": f"llama.cpp's quantizer from {paths[src].name}", **info}
+        log.info("gguf: llama.cpp quantized %s -> %s (%.1fs, child peak RSS %.0f MiB)", paths[src].name,
+                 paths[t].name, info["seconds"], info["peak_rss_bytes"] / 2**20)
+    done["gguf"] = {"source": rundir.merged_token(run), "gguf_type": types[0], "gguf_types": types,
+                    "files": [_rel(run, paths[t]) for t in types], "fallbacks": fallbacks,
+                    "made": {t: made[t] for t in types}}
+    return paths[types[0]]
+
+
+def _export_gguf_adapter(run: Path, folder: Path, types: list[str], tok, template: ChatTemplate, recipe, name: str,
+                         work: Path, done: dict) -> dict:
+    """NAME-lora.gguf (llama.cpp's LoRA layout) + NAME-base-TYPE.gguf (the base training computed with, in the
+    first of f16/f32/bf16 asked, else f16) + Modelfile.adapter. Returns their paths and the dense base's HF
+    directory (kept in `work` for --verify)."""
+    from finetune.export.adapter_gguf import AdapterGGUFError, dense_base_dir, write_adapter_gguf
     from finetune.export.gguf import GGUFExportError, write_gguf
 
+    btype = next((t for t in types if t in ("f16", "f32", "bf16")), "f16")
     try:
-        res = write_gguf(run / "merged", gguf_path, gguf_type, chat_template=template.source,
-                         end_token=template.end_token(tok), name=name)
-    except GGUFExportError as e:
+        base_dir = dense_base_dir(run, tok, work)
+        base = write_gguf(base_dir, folder / f"{name}-base-{btype}.gguf", btype, chat_template=template.source,
+                          end_token=template.end_token(tok), name=f"{name}-base").path
+        lora = write_adapter_gguf(run / "adapter", base_dir, folder / f"{name}-lora.gguf", name=name)
+    except (AdapterGGUFError, GGUFExportError) as e:
         raise ExportError(str(e)) from None
-    done["gguf"] = {"source": rundir.merged_token(run), "gguf_type": gguf_type, "files": [_rel(run, gguf_path)],
-                    "fallbacks": res.fallbacks}
-    log.info("gguf: wrote %s (%d tensors, %s%s)", gguf_path, res.tensors, gguf_type,
-             f"; {len(res.fallbacks)} tensors fell back to f16" if res.fallbacks else "")
-    return gguf_path
+    mf = _write_modelfile(folder / "Modelfile.adapter", base.name, tok, template, recipe, name, adapter=lora.path.name)
+    done["gguf_adapter"] = {"source": rundir.adapter_sha(run), "base_type": btype, "alpha": lora.alpha,
+                            "pairs": lora.pairs, "scale_folded_into_b": lora.folded,
+                            "files": [_rel(run, base), _rel(run, lora.path), _rel(run, mf)]}
+    log.info("gguf_adapter: %s (%d LoRA pairs, alpha %g) on %s", lora.path.name, lora.pairs, lora.alpha, base.name)
+    return {"base": base, "lora": lora.path, "modelfile": mf, "base_dir": base_dir, "adapter_dir": run / "adapter"}
 
 
 def _export_ollama(run: Path, gguf_path: Path, gguf_type: str, tok, template: ChatTemplate, recipe, name: str,
                    done: dict) -> Path:
+    mf = _write_modelfile(gguf_path.parent / "Modelfile", gguf_path.name, tok, template, recipe, name)
+    done["ollama"] = {"source": rundir.merged_token(run), "gguf_type": gguf_type,
+                      "files": [_rel(run, mf), _rel(run, gguf_path)],
+                      "template_translated": "TEMPLATE" in mf.read_text(encoding="utf-8")}
+    print(f"ollama: cd {mf.parent} && ollama create {name} -f Modelfile && ollama run {name}", flush=True)
+    return mf
+
+
+def _write_modelfile(mf: Path, gguf_name: str, tok, template: ChatTemplate, recipe, name: str,
+                     adapter: str | None = None) -> Path:
     from finetune.export.ollama import TemplateTranslationError, modelfile, translate
 
     def render(messages, gen):
@@ -245,24 +340,37 @@ def _export_ollama(run: Path, gguf_path: Path, gguf_type: str, tok, template: Ch
         go, note = None, str(e)
         log.warning("ollama: the chat template could not be translated (%s); the Modelfile has no TEMPLATE, "
                     "so Ollama would use its default. Write one by hand before `ollama create`.", e)
-    mf = gguf_path.parent / "Modelfile"
-    mf.write_text(modelfile(gguf_path.name, go, template.stop_tokens(tok), recipe.data.system_prompt, name, note),
-                  encoding="utf-8")
-    done["ollama"] = {"source": rundir.merged_token(run), "gguf_type": gguf_type,
-                      "files": [_rel(run, mf), _rel(run, gguf_path)], "template_translated": go is not None}
-    print(f"ollama: cd {mf.parent} && ollama create {name} -f Modelfile && ollama run {name}", flush=True)
+    mf.parent.mkdir(parents=True, exist_ok=True)
+    mf.write_text(modelfile(gguf_name, go, template.stop_tokens(tok), recipe.data.system_prompt, name, note,
+                            adapter=adapter), encoding="utf-8")
     return mf
 
 
-def _verify(run: Path, gguf_path: Path, gguf_type: str, tok, template: ChatTemplate) -> dict:
-    """--verify: llama.cpp (in a child process) against HF; verify.json holds the result, crashes included."""
+def _verify(run: Path, paths: dict[str, Path], types: list[str], tok, template: ChatTemplate, task: dict | None,
+            adapter: dict | None) -> dict:
+    """--verify: llama.cpp (in child processes) against HF. The tokenisation and tight logit check on the
+    writer's GGUF (f16/f32), then the fidelity ladder of every type (and of base + LoRA GGUF); verify.json holds
+    it all, crashes included."""
+    from finetune.export.fidelity import build_ladder, ladder_lines, ladder_table
+    from finetune.export.quantize import WRITER_TYPES, source_type
     from finetune.export.verify import VerifyUnavailable, verify_gguf
 
+    first = next((t for t in types if t in WRITER_TYPES), source_type(types))
     seqs, texts = _probes_for_verify(run, tok, template)
     try:
-        result = verify_gguf(gguf_path, run / "merged", gguf_type, seqs, texts)
+        result = verify_gguf(paths[first], run / "merged", first, seqs, texts)
     except VerifyUnavailable as e:
         raise ExportError(str(e)) from None
+    pair = (adapter["base"], adapter["lora"], adapter["base_dir"], adapter["adapter_dir"]) if adapter else None
+    src = paths[source_type(types)]
+    ladder = build_ladder(run / "merged", {t: paths[t] for t in types}, seqs, task, tok, template, adapter=pair,
+                          f16_bytes=src.stat().st_size if src.name.endswith("-f16.gguf") else None)
+    ladder["table"] = ladder_table(ladder)
+    result["ladder"] = ladder
+    rows_ok = all(r.get("passed") for r in ladder["rows"])
+    result["passed"] = bool(result["passed"] and rows_ok)
+    result["summary"] += "\n" + "\n".join(ladder_lines(ladder)) + ("" if rows_ok else "\nladder: FAIL")
     rundir.write_json(run / "export" / "verify.json", result)
     print(result["summary"], flush=True)
+    print(ladder["table"], flush=True)
     return result

@@ -283,13 +283,18 @@ def translate(render) -> str:
 
 
 def modelfile(gguf_name: str, go_tmpl: str | None, stops: list[str], system: str | None, run_name: str,
-              note: str | None = None) -> str:
+              note: str | None = None, adapter: str | None = None) -> str:
+    """`adapter`: a LoRA GGUF applied on top of FROM (Ollama's ADAPTER line; FROM is then the base it was
+    trained on)."""
     lines = [
         f"# Ollama Modelfile for {run_name}, written by `finetune export`.",
-        f"#   ollama create {run_name} -f Modelfile     (run it in this directory)",
+        f"#   ollama create {run_name} -f {'Modelfile.adapter' if adapter else 'Modelfile'}     (run it in this "
+        "directory)",
         f"#   ollama run {run_name}",
         f"FROM ./{gguf_name}",
     ]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}")
     if go_tmpl is not None:
         if '"""' in go_tmpl:
             raise TemplateTranslationError('the template contains """, which a Modelfile cannot quote')

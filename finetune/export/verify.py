@@ -45,7 +45,7 @@ UNAVAILABLE = ("--verify needs llama-cpp-python: pip install llama-cpp-python "
                "(pip builds it from source once, ~7 minutes on a CPU)")
 
 
-def _llama(path: Path, n_ctx: int, extra_bufts: bool = True):
+def _llama(path: Path, n_ctx: int, extra_bufts: bool = True, lora_path: str | None = None):
     try:
         import llama_cpp
         import llama_cpp.llama as llama_module
@@ -66,7 +66,8 @@ def _llama(path: Path, n_ctx: int, extra_bufts: bool = True):
     try:
         # type_k/type_v 0 = GGML_TYPE_F32: an f16 KV cache alone moves the logits by ~1e-2.
         llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=min(512, n_ctx),
-                              type_k=0, type_v=0, verbose=False, seed=0)
+                              type_k=0, type_v=0, verbose=False, seed=0,
+                              **({"lora_path": str(lora_path)} if lora_path else {}))
     finally:
         c_api.llama_model_default_params = default
     if bool(llm.model_params.use_extra_bufts) != extra_bufts:  # a llama-cpp-python that builds params elsewhere
