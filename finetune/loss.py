@@ -30,23 +30,11 @@ import types
 
 import torch
 
-CHUNK_BYTES = 32 * 2**20
-"""fp32 logits per chunk. 32 MiB = 170 tokens of SmolLM2's 49k vocabulary, 65 of Llama-3's 128k."""
+from finetune.plan.byte_model import LOSS_CHUNK_BYTES as CHUNK_BYTES
+from finetune.plan.byte_model import chunk_tokens
 
-
-def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
-    """Tokens per chunk: as many as fit `budget` bytes of fp32 logits (at least 16: tiny matmuls are slow)."""
-    return max(16, budget // (4 * vocab))
-
-
-def logits_bytes(tokens: int, vocab: int, chunked: bool) -> int:
-    """Peak bytes the loss adds for its logits, for the planner. Full logits: the fp32 logits, their log-softmax and
-    its gradient live together (12 bytes x vocab per token, as measured with the profiler: bench/RESULTS.md).
-    Chunked: two fp32 chunk buffers (logits and exp, for the entropy metric), independent of the tokens, plus
-    16 bytes per token of per-token state (log-partition, log-prob, entropy, top-1 flag)."""
-    if not chunked:
-        return tokens * 12 * vocab
-    return 2 * 4 * vocab * min(tokens, chunk_tokens(vocab)) + 16 * tokens
+# CHUNK_BYTES: fp32 logits per chunk, 32 MiB = 170 tokens of SmolLM2's 49k vocabulary, 65 of Llama-3's 128k. The
+# planner counts the same term (finetune/plan/byte_model.py: logits_bytes, with and without chunking).
 
 
 class ChunkedLogProbs(torch.autograd.Function):
@@ -124,7 +112,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def chunked_log_probs(hidden, weight, targets, chunk: int | None = None, want_entropy: bool = True):
     """(log p(target), entropy or None, is_top1) for each row of `hidden` [N, H] under lm_head `weight` [V, H]."""
-    chunk = chunk or chunk_tokens(weight.shape[0])
+    chunk = chunk or chunk_tokens(weight.shape[0], CHUNK_BYTES)
     return ChunkedLogProbs.apply(hidden, weight, targets, chunk, want_entropy)
 
 
@@ -134,7 +122,8 @@ def _plain_head(model) -> bool:
     head = model.get_output_embeddings()
     scaled = any(getattr(cfg, k, None) not in (None, 1.0) for k in
                  ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
-    return head is not None and getattr(head, "bias", None) is None and not scaled
+    # a plain nn.Linear: peft's wrappers (modules_to_save, trainable token rows) add to the weight in forward
+    return type(head) is torch.nn.Linear and head.bias is None and not scaled
 
 
 def _use_triton(device: torch.device) -> bool:

@@ -56,10 +56,11 @@ def optimizer_bytes(optimizer) -> int:
     return total
 
 
-def step_peak_bytes(model, batch: int, seq: int, optimizer=None) -> int:
+def step_peak_bytes(model, batch: int, seq: int, optimizer=None, fused: bool = False) -> int:
     """Peak bytes allocated above the starting point during one forward/backward/AdamW step on the CPU, from the
     profiler's allocation events (the CPU analogue of torch.cuda.max_memory_allocated). The logits are dropped
-    before backward, as Trainer.training_step does."""
+    before backward, as Trainer.training_step does. fused: the loss as TRL's SFTTrainer computes it,
+    model(..., fused_lm_head=True) (the model patched by trl's add_fused_lm_head, and finetune.loss.install)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -67,7 +68,7 @@ def step_peak_bytes(model, batch: int, seq: int, optimizer=None) -> int:
     opt = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused else {})).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

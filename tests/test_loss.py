@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -94,10 +96,21 @@ def test_model_loss_and_grads_equal_plain(tiny_model_dir, tiny_tokenizer, monkey
     assert torch.equal(fused.is_top1[mask], top1)
 
 
-def test_chunk_never_holds_all_logits():
-    """The planner's logits term: full logits grow with the tokens, chunked ones stop at the chunk."""
-    v = 128256  # Llama-3
-    full = L.logits_bytes(2048, v, chunked=False)
-    assert full == 3 * 4 * v * 2048  # logits, log-softmax and its gradient: the fp32 logits alone are 0.98 GiB
-    assert L.logits_bytes(2048, v, chunked=True) < 2 * L.CHUNK_BYTES + 16 * 2048 + 1
-    assert L.logits_bytes(8192, v, True) - L.logits_bytes(2048, v, True) == 16 * 6144
+def test_plan_counts_logits_with_and_without_chunks():
+    """The planner's logits term: full logits grow with the tokens, chunked ones stop at the chunk; the plan
+    prints both."""
+    from finetune import plan as P
+
+    shape = P.SHAPES["llama-3-8b"]
+    s = P.Setup(seq_len=2048, batch=1, device="cpu", compute="fp32")
+    v, h = shape.vocab, shape.hidden
+    assert P.logits_bytes(shape, s, chunked=False) == 2048 * (12 * v + 256)  # the fp32 logits alone are 0.98 GiB
+    chunked = P.logits_bytes(shape, s, chunked=True)
+    assert chunked == 8 * v * P.chunk_tokens(v) + 2048 * (4 * h + 32) < 2 * L.CHUNK_BYTES + 2048 * (4 * h + 32) + 1
+    longer = P.logits_bytes(shape, replace(s, seq_len=8192), chunked=True)
+    assert longer - chunked == 6144 * (4 * h + 32)  # only per-token vectors grow
+    plan = P.estimate(shape, s)
+    note = next(p.note for p in plan.parts if p.key == "activations")
+    assert P.fmt(chunked) in note and P.fmt(P.logits_bytes(shape, s, chunked=False)) in note
+    full = P.estimate(shape, replace(s, chunked_loss=False))
+    assert full.part("activations") > plan.part("activations") + 2 * 2**30

@@ -89,16 +89,25 @@ def test_exact_bytes_smollm2(tmp_path):
     _assert_exact(recipe, model, batch=1, seq=8)
 
 
-@pytest.mark.parametrize("ckpt,dropout", [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)])
-def test_activation_estimate_matches_profiler(recipe_factory, ckpt, dropout):
+@pytest.mark.parametrize("ckpt,dropout,chunked", [(False, 0.0, False), (True, 0.0, False), (False, 0.1, False),
+                                                   (True, 0.1, False), (False, 0.0, True), (True, 0.1, True)])
+def test_activation_estimate_matches_profiler(recipe_factory, ckpt, dropout, chunked):
     """LoRA dropout gives every adapted linear its own saved input: without its term the plan was 30% low on
-    SmolLM2 without checkpointing (bench/RESULTS.md)."""
+    SmolLM2 without checkpointing (bench/RESULTS.md). chunked: the loss as our SFT runs compute it (TRL's fused
+    LM head served by finetune/loss.py), against the plan's chunked logits term."""
     recipe, model = _loaded(recipe_factory(), [f"train.gradient_checkpointing={str(ckpt).lower()}",
                                                 f"lora.dropout={dropout}"])
     model.config.use_cache = False
     model.train()
-    measured = step_peak_bytes(model, batch=4, seq=48)
-    plan = P.plan_recipe(recipe, None, device="cpu", batch=4, seq_len=48)
+    if chunked:
+        from trl.trainer.utils import add_fused_lm_head
+
+        from finetune.loss import install
+
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        assert install(model)
+    measured = step_peak_bytes(model, batch=4, seq=48, fused=chunked)
+    plan = P.plan_recipe(recipe, None, device="cpu", batch=4, seq_len=48, chunked_loss=chunked)
     estimated = plan.part("activations")
     assert estimated == pytest.approx(measured, rel=0.05)
 

@@ -15,7 +15,8 @@ recipe does, through hardware.choose_precision.
 
 from finetune.plan.advice import advise
 from finetune.plan.byte_model import (ACT_COEFFS, SHARDINGS, Setup, activation_bytes, adapter_dtype_bytes,
-                                      lora_dropout_bytes, lora_targets, lora_tensor_sizes, nf4_weight_bytes,
+                                      chunk_tokens, logits_bytes, lora_dropout_bytes, lora_targets, lora_tensor_sizes,
+                                      nf4_weight_bytes,
                                       optimizer_state_bytes, paged_bytes, weight_parts)
 from finetune.plan.estimator import Plan, estimate
 from finetune.plan.from_recipe import (AUTO_CKPT_FRACTION, auto_checkpointing, checkpointing_for_run, plan_recipe,
@@ -28,7 +29,7 @@ from finetune.plan.sizes import GIB, MIB, PlanError, fmt, parse_size
 __all__ = [
     "ACT_COEFFS", "ALIASES", "AUTO_CKPT_FRACTION", "GIB", "MIB", "SHAPES", "SHARDINGS", "Part", "Plan",
     "PlanError", "Setup", "Shape", "activation_bytes", "adapter_dtype_bytes", "advise", "auto_checkpointing",
-    "checkpointing_for_run", "estimate", "fmt", "lora_dropout_bytes", "lora_targets", "lora_tensor_sizes",
+    "checkpointing_for_run", "chunk_tokens", "estimate", "fmt", "logits_bytes", "lora_dropout_bytes", "lora_targets", "lora_tensor_sizes",
     "nf4_weight_bytes", "optimizer_state_bytes", "paged_bytes", "parse_size", "plan_parts", "plan_recipe",
     "read_accelerate_config", "render", "resolve_shape", "setup_from_recipe", "shape_from_config",
     "target_precision", "total_bytes", "weight_parts",

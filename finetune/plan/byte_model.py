@@ -33,6 +33,9 @@ class Setup:
     sharding: str = "none"
     """none | ddp | fsdp | fsdp_offload | zero3 | zero3_offload."""
     device: str = "cuda"
+    chunked_loss: bool = True
+    """The loss never holds [tokens, vocab] logits: TRL 1.16's fused LM head (Triton tiles) on a GPU,
+    finetune/loss.py's token chunks on the CPU. False: the model's own full-logits loss."""
 
 
 SHARDINGS = ("none", "ddp", "fsdp", "fsdp_offload", "zero3", "zero3_offload")
@@ -165,6 +168,33 @@ def lora_dropout_bytes(shape: Shape, setup: Setup) -> int:
     return sum((4 if name == "down_proj" else 3) * a for name, a, _ in targets)
 
 
+LOSS_CHUNK_BYTES = 32 * 2**20
+"""fp32 logits per token chunk of finetune/loss.py (which reads it from here)."""
+TRL_TILE = (4096, 32768)
+"""Tokens x vocabulary of one tile of TRL's Triton fused LM head (trl/kernels/chunked_logprob.py)."""
+
+
+def chunk_tokens(vocab: int, budget: int = LOSS_CHUNK_BYTES) -> int:
+    """Tokens per chunk of finetune/loss.py: as many as `budget` bytes of fp32 logits hold (at least 16)."""
+    return max(16, budget // (4 * vocab))
+
+
+def logits_bytes(shape: Shape, setup: Setup, chunked: bool | None = None) -> int:
+    """Peak bytes of the loss's logits phase for one forward. Full logits: the fp32 logits, their log-softmax and
+    its gradient live together (12 bytes x vocab per token, measured: bench/RESULTS.md). Chunked on the CPU
+    (finetune/loss.py): the chunk's fp32 logits and exp, plus per scored token its gradient d log p / d hidden
+    (fp32, kept from forward to backward) and a few scalars. TRL's Triton tiles on a GPU: one tile of logits in
+    the compute dtype, plus fp32 per-token statistics."""
+    chunked = setup.chunked_loss if chunked is None else chunked
+    tokens = setup.seq_len * setup.batch
+    if not chunked:
+        return tokens * (12 * shape.vocab + 256)
+    if setup.device == "cpu":
+        return 8 * shape.vocab * min(tokens, chunk_tokens(shape.vocab)) + tokens * (4 * shape.hidden + 32)
+    tile = min(tokens, TRL_TILE[0]) * min(shape.vocab, TRL_TILE[1])
+    return tile * (4 if setup.compute == "fp32" else 2) + tokens * (4 * shape.hidden + 48)
+
+
 def activation_bytes(shape: Shape, setup: Setup) -> int:
     """Peak bytes of activations: what every layer stores for backward, plus the larger of the loss's
     log-softmax and one layer's backward working set."""
@@ -180,4 +210,5 @@ def activation_bytes(shape: Shape, setup: Setup) -> int:
     tokens = setup.seq_len * setup.batch
     # The bf16 copy autocast makes of an fp32 lm_head only exists when prepare_model_for_kbit_training upcast it.
     const = coeff["loss_const"](shape) if res == 4 else 0
-    return tokens * stored + max(tokens * coeff["loss"](shape) + const, tokens * phase)
+    loss = logits_bytes(shape, setup) + const if setup.chunked_loss else tokens * coeff["loss"](shape) + const
+    return tokens * stored + max(loss, tokens * phase)

@@ -28,7 +28,7 @@ def target_precision(recipe, device: str = "cuda", bf16: bool = True):
 
 
 def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, sharding=None, device="cuda",
-                      bf16=True) -> Setup:
+                      bf16=True, chunked_loss=True) -> Setup:
     """The Setup a recipe trains with on `device` (a GPU with or without bf16, or the CPU), its auto choices
     resolved by hardware.choose_precision as train() resolves them."""
     q, t = recipe.quantization, recipe.train
@@ -45,7 +45,7 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
                  lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
                  target_modules=targets if isinstance(targets, str) else tuple(targets),
                  optimizer=precision.optimizer, gradient_checkpointing=t.gradient_checkpointing is not False,
-                 num_processes=num_processes, sharding=sharding, device=device)
+                 num_processes=num_processes, sharding=sharding, device=device, chunked_loss=chunked_loss)
 
 
 def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from finetune.plan.byte_model import (SHARDINGS, Setup, activation_bytes, adapter_dtype_bytes, lora_targets,
-                                      lora_tensor_sizes, optimizer_state_bytes, paged_bytes, weight_parts)
+                                      lora_tensor_sizes, logits_bytes, optimizer_state_bytes, paged_bytes,
+                                      weight_parts)
 from finetune.plan.shapes import Shape
 from finetune.plan.sizes import MIB, PlanError, fmt
 
@@ -117,8 +118,12 @@ def _parallel_parts(shape: Shape, setup: Setup) -> list[Part]:
 def _step_parts(shape: Shape, setup: Setup) -> list[Part]:
     """What a training step adds: activations, and on a GPU the dequantised weight of the running matmul."""
     ckpt = "with" if setup.gradient_checkpointing else "without"
+    # The loss's logits term, both ways: the one in use is part of the activations' peak.
+    chunked, full = logits_bytes(shape, setup, True), logits_bytes(shape, setup, False)
+    used = "chunked" if setup.chunked_loss else "full"
     parts = [Part("activations", f"activations ({ckpt} gradient checkpointing)", activation_bytes(shape, setup),
-                  f"batch {setup.batch} x seq {setup.seq_len}")]
+                  f"batch {setup.batch} x seq {setup.seq_len}; loss logits {used}: chunked {fmt(chunked)}, "
+                  f"full [tokens, vocab] {fmt(full)}")]
     if setup.device == "cuda" and setup.load_in_4bit:
         biggest = max(a * b for _, a, b in shape.linears())
         dtype_bytes = 4 if setup.compute == "fp32" else 2
