@@ -21,6 +21,13 @@ def _highlight(segments: list[list], color: bool) -> str:
     return "".join(out)
 
 
+def _fill(report: dict) -> str:
+    ours = (report.get("steps") or {}).get("fill")
+    trl = report.get("trl_packing_efficiency")
+    return ((f", {100 * ours:.0f}% of max_length on average" if ours else "")
+            + (f"; TRL's packing=True fills its blocks {100 * trl:.0f}%" if trl is not None else ""))
+
+
 def steps_line(steps: dict) -> str:
     """What an optimizer step holds, packed and unpacked (data.packing.StepShape.to_dict)."""
     how = (f"packed into {steps['rows']} blocks of {steps['block_length']} tokens, "
@@ -48,7 +55,7 @@ def format_report(report: dict, color: bool | None = None, examples: int = 2) ->
           for part, p in report.get("length_percentiles_by_part", {}).items()],
         *([f"length rule: {report['length_rule']}; truncated {report['truncation']}"] if "length_rule" in report else []),
         f"truncated: {report.get('truncated', 0)}; dropped: {dropped['count']}; skipped bad rows: {skipped['count']}",
-        f"non-pad tokens per batch: {100 * report.get('packing_efficiency', 0):.1f}% packed, "
+        f"non-pad tokens per batch: 100% packed (padding-free blocks{_fill(report)}), "
         f"{100 * report.get('padded_efficiency', 0):.1f}% padded (no packing)",
         f"duplicates: {report.get('duplicates', {})}",
     ]

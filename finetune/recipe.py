@@ -187,7 +187,6 @@ PREFERENCE_FORMATS = ("preference", "preference_messages", "kto")
 """Formats of preference methods: pairs (prompt, chosen, rejected) or kto's unpaired (prompt, completion, label)."""
 
 
-
 class DataSource(_Section):
     path: str
     """A local .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id."""
@@ -226,12 +225,13 @@ class DataSection(_Section):
     system_prompt: str | None = None
     """System message added to rows that have none (templates without a system slot ignore it)."""
     max_length: int = Field(1024, gt=0)
-    """Longest tokenised example (and the packing block size)."""
+    """Longest tokenised example (and the most tokens a packed block holds)."""
     train_on_prompt: bool = False
     """Also supervise prompt tokens. Default: loss on assistant replies only."""
     packing: bool = True
-    """Pack examples into max_length blocks (TRL's best-fit-decreasing, padding-free; attention never crosses
-    examples). No compute is spent on padding: bench/RESULTS.md measures the gain on an instruction-like mix."""
+    """Pack examples into blocks of at most max_length tokens (padding-free; attention never crosses examples).
+    A step still holds micro_batch_size x grad_accum examples on average, so an epoch has the unpacked number of
+    steps (finetune/data/packing.py). No compute is spent on padding: bench/RESULTS.md measures the gain."""
     group_by_length: bool = False
     """With packing off: put examples of similar length in the same batch (less padding, a less random order)."""
     too_long: Literal["truncate", "drop", "error"] = "truncate"
@@ -517,6 +517,11 @@ def _describe_errors(err: ValidationError, raw: dict) -> list[str]:
         if e["type"] == "missing":
             lines.append(f"{field}: required key is missing (add it; see `finetune validate --help`)")
             continue
+        if e["type"] == "invalid_key":  # YAML read `false:` / `1:` as a non-string key; pydantic gives its position
+            where = _dotted(list(loc[:-1]) + [e["input"]])  # the key itself, e.g. model[False]
+            lines.append(f"{where}: key {_show(e['input'])} is not a string; write it in quotes (\"{_show(e['input'])}\": ...) "
+                         "or use the key you meant")
+            continue
         got = _lookup(raw, loc)
         msg = _friendly(e)
         lines.append(f"{field}: {msg} (got {_show(got)})")
@@ -533,13 +538,16 @@ def _describe_errors(err: ValidationError, raw: dict) -> list[str]:
 def _user_loc(loc, raw) -> list:
     """pydantic adds union-branch tags ("list[str]", "literal[...]", "function-after[...]") to loc; they mean
     nothing to a user. Drop them, but never a key the user actually wrote (a key may be spelled "[")."""
-    out, cur = [], raw
+    out, cur, at_value = [], raw, False
     for p in loc:
         present = (isinstance(cur, dict) and _has_key(cur, p)) or (
             isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur))
         if present:
             out.append(p)
             cur = cur[p]
+            at_value = not isinstance(cur, (dict, list))
+        elif at_value and isinstance(p, str):
+            continue  # past a value the user wrote, only union-branch tags follow ("bool", "int", ...)
         elif not (isinstance(p, str) and ("[" in p or p.startswith("function-"))):
             out.append(p)
             cur = None
@@ -609,8 +617,16 @@ def _section_type(ann):
     return None
 
 
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+           "lora_target_modules": "target_modules", "lr": "learning_rate", "batch_size": "micro_batch_size",
+           "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "sequence_len": "max_length"}
+"""What other tools call our keys (peft, axolotl, TRL): the suggestion names ours."""
+
+
 def _suggest(loc: list) -> str:
     known = _fields_at(loc)
+    if loc and ALIASES.get(str(loc[-1])) in known:
+        return f" (did you mean {_dotted(list(loc[:-1]) + [ALIASES[str(loc[-1])]])}?)"
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.3) if known and loc else []
     if close:
         return f" (did you mean {_dotted(list(loc[:-1]) + [close[0]])}?)"
@@ -620,6 +636,8 @@ def _suggest(loc: list) -> str:
 def _dotted(loc) -> str:
     out = ""
     for p in loc:
+        if isinstance(p, str) and (not p or any(c in p for c in ". :[]")):
+            p = repr(p)  # an empty or odd key must still be visible: '' rather than nothing
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "(top level)"
 
@@ -690,25 +708,6 @@ def _method_problems(recipe: Recipe) -> list[str]:
     if recipe.model.adapter and not recipe.lora.model_fields_set <= {"dropout"}:
         problems.append("lora: the starting adapter (model.adapter) fixes the LoRA shape; remove lora.r, "
                         "lora.alpha and lora.target_modules")
-    return problems
-
-
-def lora_quantization_problems(recipe: Recipe) -> list[str]:
-    """LoRA options that peft cannot apply to the base as the recipe loads it: one line each, saying what works."""
-    lora, q = recipe.lora, recipe.quantization
-    problems = []
-    bits = "4-bit" if q.load_in_4bit else "8-bit" if q.load_in_8bit else None
-    if lora.init in ("pissa", "olora") and bits:
-        problems.append(f"lora.init: {lora.init} rewrites the base weights as a full-precision residual, which a "
-                        f"{bits} base cannot hold as trained (peft re-quantises or refuses it); on a {bits} base use "
-                        "init: default, gaussian, eva" + (" or loftq" if q.load_in_4bit else "") +
-                        f", or set quantization.load_in_4bit: false (and load_in_8bit: false) for {lora.init}")
-    if lora.init == "loftq" and not q.load_in_4bit:
-        problems.append("lora.init: loftq fits LoRA to the 4-bit quantisation error, and this base is not loaded in "
-                        "4-bit; use it with quantization.load_in_4bit: true, or init: default/pissa/olora here")
-    if lora.init in ("pissa", "olora", "loftq") and lora.use_dora:
-        problems.append(f"lora.use_dora: DoRA with init: {lora.init} is not supported here (peft's weight "
-                        "conversion is for plain LoRA); use init: default, gaussian or eva with DoRA")
     return problems
 
 

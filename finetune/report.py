@@ -101,7 +101,8 @@ def write_report(run: Path) -> Path:
                   f"skipped bad rows: {data.get('skipped_rows', {}).get('count', 0)}",
                   f"- duplicates: {data.get('duplicates', {})}",
                   f"- length percentiles: {data.get('length_percentiles')}",
-                  f"- packing efficiency (if packed): {_fmt(data.get('packing_efficiency', 0))}",
+                  f"- packed blocks (if packed) filled {_fmt((data.get('steps') or {}).get('fill') or 0)} of max_length "
+                  f"on average; TRL's packing=True would fill {_fmt(data.get('trl_packing_efficiency', 0))}",
                   *([f"- steps: {steps_line(data['steps'])}"] if "steps" in data else []), ""]
     train_rows = [r for r in logs if "loss" in r]
     if train_rows:

@@ -21,6 +21,10 @@ from finetune.errors import UserError
 log = logging.getLogger("finetune")
 
 
+AFTER_TRAINING = ("eval", "export")
+"""Recipe sections that do not change what training computes."""
+
+
 class ResumeError(UserError):
     """The run directory cannot be resumed as asked."""
 
@@ -95,9 +99,10 @@ def what_changed(run: Path, resolved_yaml: str, data_hashes: dict) -> list[str]:
         except (OSError, yaml.YAMLError):
             old = None
         if isinstance(old, dict):
-            # output_dir is where the run lives, not what it computes: a run directory may be moved and resumed.
+            # output_dir is where the run lives, not what it computes: a run directory may be moved and resumed;
+            # eval/export act after training and may change freely (as `finetune run` allows).
             out += [f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in _diff(old, yaml.safe_load(resolved_yaml))
-                    if k != "output_dir"]
+                    if k != "output_dir" and k.split(".")[0].split("[")[0] not in AFTER_TRAINING]
         else:
             out.append(f"the resolved recipe changed (sha256 {m['resolved_sha256'][:12]} -> "
                        f"{rundir.sha256_text(resolved_yaml)[:12]})")

@@ -123,7 +123,7 @@ def test_held_out_saved_in_run_dir_by_data_command(tmp_path, tiny_model_dir):
     assert len(held) == 5 and all(h["loc"].startswith(str(tmp_path / "train.jsonl") + ":") for h in held)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["rows"] == {"train": 15, "held_out": 5}
-    for key in ("length_percentiles", "supervised_fraction", "packing_efficiency", "padded_efficiency", "truncated"):
+    for key in ("length_percentiles", "supervised_fraction", "trl_packing_efficiency", "padded_efficiency", "truncated"):
         assert key in report
 
 
@@ -135,24 +135,24 @@ def _trl_packed_blocks(token_lists: list[list[int]], max_length: int) -> int:
     return len(pack_dataset(Dataset.from_dict({"input_ids": token_lists}), max_length, strategy="bfd"))
 
 
-def test_packing_efficiency_counts_trls_packed_blocks(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """The reported efficiency is the fill of the blocks TRL's own packing makes: real tokens / (blocks x max_length)."""
+def test_trl_packing_efficiency_counts_trls_packed_blocks(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The baseline beside our packing: the fill of the blocks TRL's own packing makes: tokens / (blocks x max_length)."""
     import random
 
-    from finetune.data import packing_efficiency
+    from finetune.data import trl_packing_efficiency
 
     p = make_recipe(tmp_path, tiny_model_dir, rows=color_rows(40), data={"max_length": 64})
     prepared = _prep(p, tiny_tokenizer)
     ids = prepared.train["input_ids"]
     blocks = _trl_packed_blocks(ids, 64)
     assert 1 < blocks < len(ids), "the tiny rows pack several to a block"
-    assert prepared.report["packing_efficiency"] == pytest.approx(sum(map(len, ids)) / (blocks * 64))
+    assert prepared.report["trl_packing_efficiency"] == pytest.approx(sum(map(len, ids)) / (blocks * 64))
     # Thousands of rows of mixed lengths, some over max_length (TRL truncates them), packed 1000 rows per map batch
     rng = random.Random(0)
     lengths = [rng.choice([rng.randint(1, 60), rng.randint(100, 512), rng.randint(400, 700)]) for _ in range(2500)]
     blocks = _trl_packed_blocks([[1] * n for n in lengths], 512)
-    assert packing_efficiency(lengths, 512) == pytest.approx(sum(min(n, 512) for n in lengths) / (blocks * 512))
-    assert packing_efficiency([], 512) == 0.0
+    assert trl_packing_efficiency(lengths, 512) == pytest.approx(sum(min(n, 512) for n in lengths) / (blocks * 512))
+    assert trl_packing_efficiency([], 512) == 0.0
 
 
 def test_cache_hit_and_misses(tmp_path, tiny_model_dir, tiny_tokenizer):

@@ -69,7 +69,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _dotted(parent: str, key) -> str:
-    """A location as RecipeError writes it: data.train[0].path (list indexes, and integer keys, in brackets)."""
+    """A location as RecipeError writes it: data.train[0].path (list indexes, and integer keys, in brackets; an
+    empty key or one holding '.', ' ', ':' or brackets quoted, so it is never invisible)."""
+    if isinstance(key, str) and (not key or any(c in key for c in ". :[]")):
+        key = repr(key)
     return f"{parent}[{key}]" if isinstance(key, int) else (f"{parent}.{key}" if parent else str(key))
 
 
@@ -97,20 +100,6 @@ def _locations(node, parent: str = "", seen=None) -> tuple[set[str], set[str]]:
     return found, mappings
 
 
-def _known_recipe_defect(rest: str, raw: dict, present: set[str]) -> bool:
-    """Problems recipe._describe_errors names wrongly today (found by this fuzz, reported; delete once fixed):
-    an empty top-level key is called "(top level)"; a union's branch tag is appended to a field that is present
-    (`train.gradient_checkpointing.bool` for `train.gradient_checkpointing=`); a non-string key is shown as an
-    index (`model[0]: Keys should be strings` for `model: {false: ~}`)."""
-    if rest.startswith(": (top level): unknown key"):
-        return "" in raw
-    head = rest[2:].split(": ", 1)[0]
-    loc, _, tag = head.rpartition(".")
-    if loc in present and tag in ("bool", "int", "float", "str", "none"):
-        return True
-    return "Keys should be strings" in rest
-
-
 def _names_the_offender(problem: str, path: Path, overrides) -> bool:
     """A problem names what is wrong: the file, the YAML line, the override, or the key/field of the document."""
     assert problem.startswith(str(path)), problem
@@ -133,8 +122,6 @@ def _names_the_offender(problem: str, path: Path, overrides) -> bool:
     present, mappings = _locations(raw)
     if any(rest.startswith(f": {loc}: ") for loc in present):
         return True  # the offending key or value, where the document has it
-    if _known_recipe_defect(rest, raw, present):
-        return True
     # else a field the schema requires, missing from a section the document has
     return any(rest.startswith(f": {_dotted(m, name)}: ") and "required" in rest for m in mappings for name in NAMES)
 

@@ -56,6 +56,7 @@ def test_pack_keeps_every_token_and_label_and_marks_example_boundaries():
             seen.append(i)
             start += n
     assert sorted(seen) == list(range(len(lengths)))
+    assert shape.fill == pytest.approx(sum(len(r) for r in packed["input_ids"]) / (len(packed) * 16), abs=1e-4)
 
 def test_naive_packing_would_change_the_meaning_of_a_step():
     """The bug this fixes: max_length blocks counted as micro-batch rows hold ~3x the examples per step."""

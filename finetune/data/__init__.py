@@ -11,7 +11,7 @@ from finetune.data.encode import (Encoded, check_template_tokens, encode, prompt
                                   render_with_spans)
 from finetune.data.formats import FORMAT_FIELDS, ROLES, SHAREGPT_ROLES, Example, check_turn_order, to_example
 from finetune.data.prepare import (Prepared, data_hashes, encode_all, file_sha256, length_stats, load_examples,
-                                   packing_efficiency, padded_efficiency, prepare, render_example, rendered_text,
+                                   trl_packing_efficiency, padded_efficiency, prepare, render_example, rendered_text,
                                    split_held_out, to_dataset, write_held_out)
 from finetune.data.readers import DataError, RowError, read_records, source_files
 
@@ -52,7 +52,7 @@ def write_held_out_for(recipe, path, held) -> None:
 __all__ = [
     "DataError", "Encoded", "Example", "FORMAT_FIELDS", "Prepared", "ROLES", "RowError", "SHAREGPT_ROLES",
     "check_template_tokens", "check_turn_order", "data_hashes", "encode", "encode_all", "file_sha256",
-    "length_stats", "load_examples", "packing_efficiency", "padded_efficiency", "prepare", "prepare_for", "is_preference", "write_held_out_for", "prompt_ids",
+    "length_stats", "load_examples", "trl_packing_efficiency", "padded_efficiency", "prepare", "prepare_for", "is_preference", "write_held_out_for", "prompt_ids",
     "read_records", "render_example", "render_ids_and_mask", "render_with_spans", "rendered_text",
     "source_files", "split_held_out", "to_dataset", "to_example", "write_held_out",
 ]

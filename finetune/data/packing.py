@@ -41,6 +41,8 @@ class StepShape:
     examples: int
     steps_per_epoch: int
     unpacked_steps_per_epoch: int
+    fill: float | None = None
+    """Packed: the mean fraction of max_length a block holds (blocks carry no padding either way)."""
 
     @property
     def examples_per_step(self) -> float:
@@ -66,7 +68,8 @@ def step_shape(lengths: list[int], micro: int, accum: int, max_length: int, pack
     blocks = len(assign(lengths, _blocks(n, k * world, per_step), max_length))
     per_device = max(d for d in range(1, min(k, blocks_per_forward) + 1) if k % d == 0)
     steps = max(1, math.ceil(blocks / (k * world)))
-    return StepShape(True, max_length, per_device, k // per_device, blocks, n, steps, unpacked)
+    return StepShape(True, max_length, per_device, k // per_device, blocks, n, steps, unpacked,
+                     round(tokens / (blocks * max_length), 4))
 
 
 def _blocks(n: int, blocks_per_step: int, per_step: int) -> int:

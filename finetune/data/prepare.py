@@ -223,7 +223,7 @@ def length_stats(encoded: list[Encoded], max_length: int, micro_batch: int = 1) 
     pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95, 100)}
     return {"tokens": int(lengths.sum()), "supervised_tokens": int(supervised),
             "supervised_fraction": float(supervised / max(1, lengths.sum())), "length_percentiles": pct,
-            "packing_efficiency": packing_efficiency(lengths.tolist(), max_length),
+            "trl_packing_efficiency": trl_packing_efficiency(lengths.tolist(), max_length),
             "padded_efficiency": padded_efficiency(lengths.tolist(), micro_batch)}
 
 
@@ -237,31 +237,13 @@ def padded_efficiency(lengths: list[int], micro_batch: int) -> float:
     return float(sum(order) / padded) if padded else 0.0
 
 
-def packing_efficiency(lengths: list[int], max_length: int) -> float:
-    """Fraction of the max_length blocks that real tokens fill when TRL packs these rows (`packing_strategy="bfd"`).
+def trl_packing_efficiency(lengths: list[int], max_length: int) -> float:
+    """How full TRL's own `packing=True` (best-fit-decreasing into max_length blocks, within each `datasets.map`
+    batch of 1000 rows, long rows truncated) would fill its blocks: the baseline beside our packing's fill."""
+    from finetune.data.packing import packed_blocks
 
-    The blocks are counted by TRL's own `pack_dataset`, as SFTTrainer calls it: best-fit-decreasing within each
-    `datasets.map` batch of 1000 rows (not over the whole dataset), rows longer than max_length truncated."""
-    import datasets
-    import numpy as np
-    import pyarrow as pa
-    from trl.data_utils import pack_dataset
-
-    lengths = [n for n in lengths if n > 0]
-    if not lengths:
-        return 0.0
-    # Only the lengths matter: one-byte dummy tokens, so this costs one byte per token, not a Python list.
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    column = pa.LargeListArray.from_arrays(offsets, pa.array(np.zeros(int(offsets[-1]), dtype=np.int8)))
-    rows = datasets.Dataset(datasets.table.InMemoryTable(pa.table({"input_ids": column})))
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        blocks = len(pack_dataset(rows, max_length, strategy="bfd"))
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    return float(sum(min(n, max_length) for n in lengths) / (blocks * max_length))
+    blocks = packed_blocks(lengths, max_length)
+    return float(sum(min(n, max_length) for n in lengths if n > 0) / (blocks * max_length)) if blocks else 0.0
 
 
 def to_dataset(encoded: list[Encoded]):

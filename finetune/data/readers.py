@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import codecs
 import csv
 import io
@@ -12,6 +11,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
+from finetune.errors import UserError
 from finetune.recipe import DataSource, looks_local
 
 
