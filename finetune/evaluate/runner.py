@@ -32,6 +32,8 @@ def default_tasks(recipe, run: Path):
     if recipe.eval.tasks:
         return list(recipe.eval.tasks)
     if (run / "held_out.jsonl").is_file() and (run / "held_out.jsonl").stat().st_size:
+        if recipe.train.method in ("dpo", "orpo", "simpo"):  # held-out pairs: the preference accuracy too
+            return [EvalTask(name="held_out", kind="held_out"), EvalTask(name="preference", kind="preference")]
         return [EvalTask(name="held_out", kind="held_out")]
     raise EvalError("eval.tasks: nothing to evaluate; add eval.tasks to the recipe or set data.held_out and train again")
 

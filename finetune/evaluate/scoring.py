@@ -100,4 +100,27 @@ def choice_scores(ctx, model, task, items: list[Item], batch_size: int, label: s
     return out
 
 
-SCORERS = {"held_out": held_out_scores, "generate": generation_scores, "multiple_choice": choice_scores}
+def preference_scores(ctx, model, task, items: list[Item], batch_size: int, label: str) -> TaskRun:
+    """On pairs: is the chosen reply more likely than the rejected one, per token? Each reply is scored as training
+    scores it (the template's reply span, end-of-turn token included, after the prompt rendered once), so the
+    lengths the mean is taken over are token counts. logp_margin: mean per-token log-likelihood chosen - rejected."""
+    from finetune.data.preference import reply_ids
+
+    seqs = []
+    for it in items:
+        for reply in it.choices:
+            prompt, ids = reply_ids(it.prompt, reply, ctx.tok, ctx.template)
+            seqs.append((prompt + ids, [-100] * len(prompt) + ids))
+    nll = masked_nll(model, seqs, ctx.tok.pad_token_id, batch_size, desc=label)
+    out = TaskRun(values={"preference_acc": [], "logp_margin": []})
+    for k in range(len(items)):
+        (nc, tc), (nr, tr) = nll[2 * k], nll[2 * k + 1]
+        chosen, rejected = -nc / max(tc, 1), -nr / max(tr, 1)
+        out.values["preference_acc"].append(float(chosen > rejected))
+        out.values["logp_margin"].append(chosen - rejected)
+        out.outputs.append({"text": None, "logp_per_token": {"chosen": chosen, "rejected": rejected}})
+    return out
+
+
+SCORERS = {"held_out": held_out_scores, "generate": generation_scores, "multiple_choice": choice_scores,
+           "preference": preference_scores}

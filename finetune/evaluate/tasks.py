@@ -131,6 +131,32 @@ def choice_items(path: Path, system_prompt: str | None) -> list[Item]:
     return items
 
 
+def preference_items(task, run: Path, system_prompt: str | None) -> list[Item]:
+    """Pairs: choices = [chosen, rejected], answer 0. From the task's file (format preference or
+    preference_messages, checked row by row as training checks them), else from a preference run's held-out pairs."""
+    from finetune.data.preference import to_preference_example
+    from finetune.recipe import DataSource
+
+    if task.path is None:
+        rows = [(r.get("loc", "?"), r) for _, r in read_jsonl(run / "held_out.jsonl")]
+        pairs = [(loc, {"chosen": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}],
+                        "rejected": r["prompt"] + [{"role": "assistant", "content": r["rejected"]}]})
+                 for loc, r in rows if r.get("rejected")]
+        if not pairs:
+            raise EvalError(f"{run / 'held_out.jsonl'}: no held-out pairs (a preference run with data.held_out has "
+                            "them); give the task a path to a preference JSONL file")
+        system_prompt = None  # held-out prompts already carry the run's system prompt
+    else:
+        pairs = read_jsonl(Path(task.path))
+    items = []
+    for loc, row in pairs:
+        fmt = "preference_messages" if isinstance(row.get("chosen"), list) else "preference"
+        ex = to_preference_example(loc, row, DataSource.model_construct(path=str(task.path), format=fmt, columns={}),
+                                   system_prompt)
+        items.append(Item(loc, ex.prompt, [ex.chosen], choices=[ex.chosen, ex.rejected], answer=0))
+    return items
+
+
 def load_items(task, run: Path, system_prompt: str | None, limit: int | None) -> list[Item]:
     """The rows of one task, the first `limit` of them when asked (rows are in file order: reproducible)."""
     if task.kind == "held_out":
@@ -142,6 +168,8 @@ def load_items(task, run: Path, system_prompt: str | None, limit: int | None) ->
         items = generate_items(Path(task.path), system_prompt, need_refs=task.metrics != ["regex"])
     elif task.kind == "multiple_choice":
         items = choice_items(Path(task.path), system_prompt)
+    elif task.kind == "preference":
+        items = preference_items(task, run, system_prompt)
     else:
         raise ValueError(task.kind)
     if not items:
