@@ -136,6 +136,30 @@ RECORDS: tuple[Internal, ...] = (
       "GuardedSFTTrainer's override does not call this one (trl 1.16's only writes a model card README.md into the "
       "checkpoint): when its code changes, check that skipping it is still harmless", ("finetune/guard.py",),
       params=("model", "trial"), source_sha="b6ee0a370c26"),
+    # --- trl: the preference trainers (finetune/preference.py) take our token ids and our checkpoints
+    I("trl", "trl.DPOTrainer._prepare_dataset",
+      "skipped by GuardedDPOTrainer (it extracts prompts, appends EOS and tokenises; data/preference.py did all that "
+      "with the run's template): when its code changes, check nothing else it does is lost",
+      ("finetune/preference.py",), params=("dataset", "processing_class", "args", "dataset_name"),
+      source_sha="35e349e8e826"),
+    I("trl", "trl.KTOTrainer._prepare_dataset",
+      "replaced by GuardedKTOTrainer, which keeps only its KL pairing (completions rotated by one within each batch): "
+      "when its code changes, re-read it and port the change", ("finetune/preference.py",),
+      params=("dataset", "processing_class", "args", "dataset_name"), source_sha="d22cf45470e6"),
+    I("trl", "trl.DPOTrainer._save_checkpoint",
+      "GuardMixin's override does not call this one (it only adds a model card): check skipping it stays harmless",
+      ("finetune/guard.py", "finetune/preference.py"), params=("model", "trial"), source_sha="b6ee0a370c26"),
+    I("trl", "trl.KTOTrainer._save_checkpoint", "as DPOTrainer._save_checkpoint", ("finetune/preference.py",),
+      params=("model", "trial"), source_sha="b6ee0a370c26"),
+    I("trl", "trl.experimental.cpo.CPOTrainer._save_checkpoint", "as DPOTrainer._save_checkpoint",
+      ("finetune/preference.py",), params=("model", "trial"), source_sha="b6ee0a370c26"),
+    I("trl", "trl.experimental.orpo.ORPOTrainer._save_checkpoint", "as DPOTrainer._save_checkpoint",
+      ("finetune/preference.py",), params=("model", "trial"), source_sha="b6ee0a370c26"),
+    I("trl", "trl.experimental.cpo.CPOTrainer.tokenize_row",
+      "replaced by preference._cpo_row (simpo): the keys it returns are what that builds from our ids",
+      ("finetune/preference.py",), params=("feature", "model"), source_sha="3406c058eeb7"),
+    I("trl", "trl.experimental.orpo.ORPOTrainer.tokenize_row", "replaced by preference._cpo_row (orpo), as for CPO",
+      ("finetune/preference.py",), params=("feature", "model"), source_sha="f1a72785ecfc"),
     # --- trl: the fused LM head SFTTrainer installs; finetune/loss.py serves its calls on devices without Triton
     I("trl", "trl.trainer.utils.add_fused_lm_head",
       "loss.install wraps the forward this patches in and answers `fused_lm_head=True` itself (same kwargs: labels, "

@@ -67,6 +67,7 @@ def method_config(recipe, common: dict):
         from trl import KTOConfig
 
         return KTOConfig(**common, **set_), GuardedKTOTrainer
+    _quiet_experimental()
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig
 
@@ -142,13 +143,20 @@ def _cpo_row(self, feature, model=None) -> dict:
     return out
 
 
+def _quiet_experimental() -> None:
+    # ORPO and CPO live in trl.experimental (TRL 1.16); the recipe names them, so the import warning is noise.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
 def guarded_orpo():
+    _quiet_experimental()
     from trl.experimental.orpo import ORPOTrainer
 
     return type("GuardedORPOTrainer", (GuardMixin, ORPOTrainer), {"tokenize_row": _cpo_row})
 
 
 def guarded_simpo():
+    _quiet_experimental()
     from trl.experimental.cpo import CPOTrainer
 
     return type("GuardedSimPOTrainer", (GuardMixin, CPOTrainer), {"tokenize_row": _cpo_row})
