@@ -184,7 +184,8 @@ def test_two_machines_on_loopback(ddp, env):
     assert not elsewhere.exists()
     dist = json.loads((d / "manifest.json").read_text())["distributed"]
     assert (dist["world_size"], dist["backend"]) == (2, "gloo")
-    assert dist["examples_per_rank"] == [16, 16] and dist["examples_seen_by_every_rank"] == 0
+    # 8 steps x 4 x 2 ranks = two epochs of 32 rows: each rank 16 distinct rows an epoch, reshuffled in between
+    assert dist["examples_per_rank"] == [32, 32] and dist["rank_fingerprints"][0] != dist["rank_fingerprints"][1]
     assert dist["parameter_bytes_per_rank"][0] == dist["parameter_bytes_per_rank"][1] > 0  # DDP: full copies
     assert sorted(logged_steps(d)) == list(range(1, TRAIN["max_steps"] + 1))
     rng = sorted(p.name for p in (d / "checkpoints" / "checkpoint-8").glob("rng_state*"))
