@@ -104,12 +104,14 @@ def stage_export(recipe: Recipe, run: Path) -> StageOutcome:
 
     if export_complete(run, ex.formats, ex.gguf_type) and rundir.newer_than(run / rundir.EXPORT, run / rundir.MERGED):
         return StageOutcome("export", False, f"{', '.join(ex.formats)} complete and newer than merged/")
+    # Several GGUF types listed: the fidelity ladder (--verify) is what tells them apart, so it is written too.
+    verify = ex.verify or len(ex.gguf_type) > 1
     task = None
-    if ex.verify:
+    if verify:
         from finetune.evaluate.export_task import ladder_task
 
         task = ladder_task(run, recipe)
-    export_run(run, ex.formats, ex.gguf_type, ex.verify, None, task=task)
+    export_run(run, ex.formats, ex.gguf_type, verify, None, task=task)
     return StageOutcome("export", True, f"exported {', '.join(ex.formats)}")
 
 

@@ -408,7 +408,8 @@ class ExportSection(_Section):
     """Formats `finetune run` writes after merging."""
     gguf_type: list[GGUFType] = Field(default_factory=lambda: ["f16"], min_length=1)
     """GGUF type(s): one (gguf_type: q4_k_m) or a list ([f16, q8_0, q5_k_m, q4_k_m]). f32/f16/bf16 are written
-    in Python; the others by llama.cpp's own quantizer from the f16 file. With verify: the fidelity ladder."""
+    in Python; the others by llama.cpp's own quantizer from the f16 file. Several types: `finetune run` also writes
+    the fidelity ladder (as verify: true does), which measures what each costs the fine-tune."""
 
     @field_validator("gguf_type", mode="before")
     @classmethod

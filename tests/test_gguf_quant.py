@@ -124,3 +124,108 @@ def test_ladder_numbers_equal_a_direct_computation(exported):
     assert row["top1_agreement"] == pytest.approx(top1.mean().item())
     n = sum(p.numel() for p in model.parameters())
     assert row["bits_per_weight"] == pytest.approx(8 * path.stat().st_size / n, rel=1e-6)
+
+
+def test_adapter_gguf_negative_controls_fail_the_agreement_check(exported, tmp_path):
+    """The right adapter passes; alpha doubled in the metadata, or A and B swapped (and transposed), fail."""
+    from finetune.export.adapter_gguf import dense_base_dir, write_adapter_gguf
+    from finetune.export.fidelity import check_adapter_gguf
+
+    run, _ = exported
+    tok, _, seqs = _ctx(run)
+    seqs = seqs[:2]
+    base_gguf = run / "export" / "gguf" / "run-base-f16.gguf"
+    base_dir = dense_base_dir(run, tok, tmp_path)
+    check = lambda lora: check_adapter_gguf(base_gguf, lora, base_dir, run / "adapter", seqs)  # noqa: E731
+    good = check(write_adapter_gguf(run / "adapter", base_dir, tmp_path / "good.gguf").path)
+    assert good["passed"], good
+    wrong_alpha = check(write_adapter_gguf(run / "adapter", base_dir, tmp_path / "alpha.gguf", alpha=32.0).path)
+    assert not wrong_alpha["passed"] and wrong_alpha["vs_same_base_weights"]["mean_kl"] > 100 * good[
+        "vs_same_base_weights"]["mean_kl"]
+    swapped = check(write_adapter_gguf(run / "adapter", base_dir, tmp_path / "swap.gguf", swap_ab=True).path)
+    assert not swapped["passed"]
+
+
+def test_k_quants_on_whole_super_blocks_are_llama_cpp_k_quant_tensors(tmp_path):
+    """hidden 256: q4_k_m / q6_k / q2_k files hold real k-quant tensors, each passes the tight check in llama.cpp
+    and the ladder orders them by bits."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from finetune.export.fidelity import build_ladder
+    from finetune.export.gguf import write_gguf
+    from finetune.export.quantize import quantize_gguf
+    from finetune.templates import saved_template
+
+    model_dir = build_tiny_llama(tmp_path / "m256", hidden=256, layers=1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    f16 = write_gguf(model_dir, tmp_path / "m-f16.gguf", "f16").path
+    files = {"f16": f16}
+    for t in ("q6_k", "q4_k_m", "q2_k"):
+        files[t] = tmp_path / f"m-{t}.gguf"
+        quantize_gguf(f16, files[t], t)
+    kinds = {t: {x.tensor_type.name for x in GGUFReader(str(p)).tensors} for t, p in files.items()}
+    assert "Q6_K" in kinds["q6_k"] and "Q4_K" in kinds["q4_k_m"] and "Q2_K" in kinds["q2_k"], kinds
+    seqs = [tok("the quick brown fox jumps over a lazy dog what is the capital of france")["input_ids"]]
+    ladder = build_ladder(model_dir, files, seqs, None, tok, saved_template("chatml", tok),
+                          f16_bytes=f16.stat().st_size)
+    rows = {r["type"]: r for r in ladder["rows"]}
+    assert all(r["passed"] for r in rows.values()), {t: r.get("check") for t, r in rows.items()}
+    assert rows["f16"]["mean_kl"] < rows["q6_k"]["mean_kl"] < rows["q4_k_m"]["mean_kl"] < rows["q2_k"]["mean_kl"]
+    assert 6 < rows["q6_k"]["bits_per_weight"] < 8 and rows["q2_k"]["bits_per_weight"] < 4.5
+
+
+def test_our_q8_0_writer_is_byte_identical_to_llama_cpp_quantizing_f32(tmp_path):
+    from gguf import GGUFReader
+
+    from finetune.export.gguf import write_gguf
+    from finetune.export.quantize import quantize_gguf
+
+    model_dir = build_tiny_llama(tmp_path / "m", hidden=64)
+    ours = write_gguf(model_dir, tmp_path / "ours.gguf", "q8_0").path
+    f32 = write_gguf(model_dir, tmp_path / "f32.gguf", "f32").path
+    quantize_gguf(f32, tmp_path / "llama.gguf", "q8_0")
+    read = lambda p: {t.name: (t.tensor_type.name, bytes(t.data)) for t in GGUFReader(str(p)).tensors}  # noqa: E731
+    assert read(ours) == read(tmp_path / "llama.gguf")
+
+
+def test_gguf_types_one_line_errors_and_recipe_accepts_one_or_several(tmp_path, recipe_factory):
+    from finetune.cli import app
+    from finetune.export import ExportError, gguf_types
+    from finetune.export.quantize import ALL_TYPES
+    from finetune.recipe import GGUFType, load_recipe
+    from typing import get_args
+
+    assert set(get_args(GGUFType)) == set(ALL_TYPES)
+    assert gguf_types("q4_k_m") == ["q4_k_m"] and gguf_types(["f16", "q8_0", "f16"]) == ["f16", "q8_0"]
+    with pytest.raises(ExportError) as e:
+        gguf_types(["f16", "q4_km"])
+    assert "'q4_km'" in str(e.value) and "q4_k_m" in str(e.value) and "\n" not in str(e.value)
+    one = load_recipe(recipe_factory(export={"formats": ["gguf"], "gguf_type": "q4_k_m"}))
+    several = load_recipe(recipe_factory(export={"formats": ["gguf"], "gguf_type": ["f16", "q5_k_m"]}))
+    assert one.export.gguf_type == ["q4_k_m"] and several.export.gguf_type == ["f16", "q5_k_m"]
+    result = RUNNER.invoke(app, ["export", str(tmp_path), "--format", "gguf", "--gguf-type", "f16", "q9_k"])
+    assert result.exit_code == 2 and "q9_k" in result.output
+
+
+def test_finetune_run_writes_the_ladder_when_the_recipe_lists_types(merged_run, monkeypatch):
+    """stage_export verifies (the ladder) and hands export eval's first held-out generation task."""
+    import finetune.export as export
+    from finetune import pipeline
+    from finetune.recipe import load_resolved
+
+    run = merged_run[0]
+    recipe = load_resolved(run / "resolved.yaml")
+    calls = []
+    monkeypatch.setattr(export, "export_run", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(export, "export_complete", lambda *a, **kw: False)
+    for types, verify in ((["f16"], False), (["f16", "q4_k_m"], True)):
+        r = recipe.model_copy(update={"export": recipe.export.model_copy(update={"formats": ["gguf"],
+                                                                                 "gguf_type": types})})
+        pipeline.stage_export(r, run)
+        args, kw = calls[-1]
+        assert args[2] == types and args[3] is verify
+        assert (kw["task"] is not None) is verify
+    task = calls[-1][1]["task"]
+    assert task["name"] == "held_out" and task["metric"] == "exact_match"
+    assert task["score"]("one", ["one"]) == 1.0 and task["score"]("one", [" two"]) == 0.0

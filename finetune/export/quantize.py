@@ -57,7 +57,7 @@ def check_types(types: list[str]) -> list[str]:
     """The requested types, deduplicated, in the order asked; unknown ones are one line listing the valid ones."""
     bad = [t for t in types if t not in ALL_TYPES]
     if bad:
-        raise ValueError(f"--gguf-type: unknown type {bad[0]!r}; choose from {', '.join(ALL_TYPES)}")
+        raise ValueError(f"--gguf-type: must be one of {', '.join(ALL_TYPES)} (got {bad[0]!r})")
     if not types:
         raise ValueError(f"--gguf-type: give at least one of {', '.join(ALL_TYPES)}")
     return list(dict.fromkeys(types))
