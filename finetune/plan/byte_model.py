@@ -36,6 +36,16 @@ class Setup:
     chunked_loss: bool = True
     """The loss never holds [tokens, vocab] logits: TRL 1.16's fused LM head (Triton tiles) on a GPU,
     finetune/loss.py's token chunks on the CPU. False: the model's own full-logits loss."""
+    use_dora: bool = False
+    """lora.use_dora: a trained magnitude vector per adapted linear, and what DoRA's forward keeps (dora_bytes)."""
+    new_tokens: int = 0
+    """Rows data.add_tokens / add_template_tokens add to the embeddings (the vocabulary grows by this many)."""
+    token_tables: int = 0
+    """How many embedding matrices train those rows (peft's trainable_token_indices): embed_tokens, and lm_head
+    when untied and not in modules_to_save. Each holds a [new_tokens, hidden] delta, its gradient and Adam state."""
+    wrapped_head: bool = False
+    """lm_head is a peft wrapper (trainable token rows, or modules_to_save): finetune/loss.py does not serve it, so
+    on the CPU the loss runs TRL's own torch path (logits_bytes, wrapped_head_bytes)."""
 
 
 SHARDINGS = ("none", "ddp", "fsdp", "fsdp_offload", "zero3", "zero3_offload")
@@ -138,15 +148,45 @@ def weight_parts(shape: Shape, setup: Setup) -> dict[str, int]:
         base = shape.layers * sum(a * b for _, a, b in shape.linears()) * compute_bytes
     kept = (shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden) * kept_bytes
     buffers = 2 * (shape.hd // 2) * 4  # rotary inv_freq and original_inv_freq, float32
+    # peft's trainable token layers keep a copy of the rows they train (trainable_tokens_original)
+    buffers += trained_token_tables(shape, setup) * setup.new_tokens * shape.hidden * kept_bytes
     return {"base": base, "kept": kept, "buffers": buffers, "kept_dtype_bytes": kept_bytes}
 
 
 def lora_tensor_sizes(shape: Shape, setup: Setup) -> list[int]:
+    """Element counts of the trainable tensors, layer by layer (A, B and with DoRA its magnitude vector, one
+    entry per output row), then the new token rows of each embedding matrix that trains them."""
     sizes = []
     for _ in range(shape.layers):
         for _, a, b in lora_targets(shape, setup.target_modules):
-            sizes += [setup.lora_r * a, b * setup.lora_r]
-    return sizes
+            sizes += [setup.lora_r * a, b * setup.lora_r] + ([b] if setup.use_dora else [])
+    return sizes + [setup.new_tokens * shape.hidden] * trained_token_tables(shape, setup)
+
+
+def trained_token_tables(shape: Shape, setup: Setup) -> int:
+    """Embedding matrices whose new rows train (a tied head shares the input embedding's delta)."""
+    return min(setup.token_tables, 1 if shape.tied else 2) if setup.new_tokens else 0
+
+
+def tensors_per_adapter(setup: Setup) -> int:
+    return 3 if setup.use_dora else 2
+
+
+def dora_bytes(shape: Shape, setup: Setup) -> tuple[int, int]:
+    """(bytes per token, bytes per layer) that DoRA adds to what a decoder layer keeps for backward (peft 0.21's
+    DoraLinearLayer.forward): the magnitude scale multiplies the base output and the LoRA output, and a
+    multiplication by a trained tensor keeps its other operand, so both [tokens, out] results stay alive (in the
+    activation dtype). With LoRA dropout peft recomputes the base output from the dequantized weight, and
+    F.linear keeps that fp32/compute-dtype copy of every adapted 4-bit weight until backward (a dense base's
+    own weight is no copy). Checked against the profiler: tests/test_plan_variants.py."""
+    if not setup.use_dora:
+        return 0, 0
+    targets = lora_targets(shape, setup.target_modules)
+    act = 4 if setup.compute == "fp32" else 2
+    per_token = 2 * act * sum(out for _, _, out in targets)
+    copies = setup.lora_dropout > 0 and setup.load_in_4bit
+    per_layer = sum(a * b for _, a, b in targets) * (4 if setup.compute == "fp32" else 2) if copies else 0
+    return per_token, per_layer
 
 
 def adapter_dtype_bytes(setup: Setup) -> int:
@@ -188,11 +228,24 @@ def logits_bytes(shape: Shape, setup: Setup, chunked: bool | None = None) -> int
     chunked = setup.chunked_loss if chunked is None else chunked
     tokens = setup.seq_len * setup.batch
     if not chunked:
-        return tokens * (12 * shape.vocab + 256)
+        return tokens * (12 * shape.vocab + 256) + wrapped_head_bytes(shape, setup)
+    if setup.device == "cpu" and setup.wrapped_head:
+        # trl/kernels/chunked_logprob.py without Triton: one fp32 buffer of TOKEN_CHUNK_SIZE x chunk_size (4096 x
+        # 32768) per pass, fp32 per-token statistics, and in backward the fp32 gradient of the hidden states.
+        # A wrapped (trained) head adds peft's merged weight and its fp32 gradient.
+        # (and six fp32 [tokens, vocab] tile temporaries of the torch path, measured with the profiler)
+        head = wrapped_head_bytes(shape, setup) + 24 * tokens * min(shape.vocab, TRL_TILE[1]) * setup.wrapped_head
+        return 4 * min(tokens, TRL_TILE[0]) * TRL_TILE[1] + tokens * (4 * shape.hidden + 32) + head
     if setup.device == "cpu":
         return 8 * shape.vocab * min(tokens, chunk_tokens(shape.vocab)) + tokens * (4 * shape.hidden + 32)
     tile = min(tokens, TRL_TILE[0]) * min(shape.vocab, TRL_TILE[1])
     return tile * (4 if setup.compute == "fp32" else 2) + tokens * (4 * shape.hidden + 48)
+
+
+def wrapped_head_bytes(shape: Shape, setup: Setup) -> int:
+    """A trained (peft-wrapped) lm_head: the merged [vocab, hidden] weight peft builds each forward is kept for
+    backward, and backward makes its full fp32 gradient before taking the trained rows."""
+    return 8 * shape.vocab * shape.hidden if setup.wrapped_head else 0
 
 
 def activation_bytes(shape: Shape, setup: Setup) -> int:
@@ -201,14 +254,19 @@ def activation_bytes(shape: Shape, setup: Setup) -> int:
     coeff = ACT_COEFFS["fp32" if setup.compute == "fp32" else "bf16"]
     r_sum = setup.lora_r * len(lora_targets(shape, setup.target_modules))
     drop = lora_dropout_bytes(shape, setup)
-    layer = coeff["layer"](shape, r_sum) + drop
+    dora, dora_const = dora_bytes(shape, setup)
+    layer = coeff["layer"](shape, r_sum) + drop + dora
     res = weight_parts(shape, setup)["kept_dtype_bytes"]  # the residual stream has the embeddings' dtype
     stored = shape.layers * (coeff["ckpt"](shape, res) if setup.gradient_checkpointing else layer)
     # While a recomputed layer runs backward, the dropout inputs' gradients are live too (the 3/10 is fitted to
     # the profiler's peak, bench/RESULTS.md).
     phase = coeff["layer_phase"](shape) + (layer + drop * 3 // 10 if setup.gradient_checkpointing else 0)
     tokens = setup.seq_len * setup.batch
+    # DoRA's weight copies, per live layer: all of them, or with checkpointing the recomputed layer's and (fitted to
+    # the profiler's peak) the next one's
+    const_layers = min(2, shape.layers) if setup.gradient_checkpointing else shape.layers
     # The bf16 copy autocast makes of an fp32 lm_head only exists when prepare_model_for_kbit_training upcast it.
     const = coeff["loss_const"](shape) if res == 4 else 0
-    loss = logits_bytes(shape, setup) + const if setup.chunked_loss else tokens * coeff["loss"](shape) + const
-    return tokens * stored + max(loss, tokens * phase)
+    loss = logits_bytes(shape, setup) + const if setup.chunked_loss else \
+        tokens * coeff["loss"](shape) + const + wrapped_head_bytes(shape, setup)
+    return tokens * stored + const_layers * dora_const + max(loss, tokens * phase)

@@ -45,7 +45,29 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
                  lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
                  target_modules=targets if isinstance(targets, str) else tuple(targets),
                  optimizer=precision.optimizer, gradient_checkpointing=t.gradient_checkpointing is not False,
-                 num_processes=num_processes, sharding=sharding, device=device, chunked_loss=chunked_loss)
+                 num_processes=num_processes, sharding=sharding, device=device, chunked_loss=chunked_loss,
+                 **lora_variant_setup(recipe))
+
+
+def lora_variant_setup(recipe) -> dict:
+    """The Setup fields of DoRA and new tokens. The new tokens are counted as the most the run can add (every
+    token of data.add_tokens and the template's required ones): those the tokenizer already has are not added."""
+    lora, new = recipe.lora, len(set(recipe.data.add_tokens) | set(_template_tokens(recipe)))
+    saved = set(lora.modules_to_save)
+    tables = sum(1 for name in ("embed_tokens", "lm_head") if name not in saved)
+    wrapped = bool(new and "lm_head" not in saved) or bool(saved & {"lm_head", "embed_tokens"})
+    return dict(use_dora=lora.use_dora, new_tokens=new, token_tables=tables if new else 0, wrapped_head=wrapped)
+
+
+def _template_tokens(recipe) -> list[str]:
+    if not recipe.data.add_template_tokens:
+        return []
+    from finetune.templates import TemplateError, load_template
+
+    try:
+        return list(load_template(recipe.data.template).requires)
+    except (TemplateError, OSError):
+        return []
 
 
 def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:

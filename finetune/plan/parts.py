@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from finetune.plan.byte_model import (SHARDINGS, Setup, activation_bytes, adapter_dtype_bytes, lora_targets,
                                       lora_tensor_sizes, logits_bytes, optimizer_state_bytes, paged_bytes,
-                                      weight_parts)
+                                      tensors_per_adapter, weight_parts)
 from finetune.plan.shapes import Shape
 from finetune.plan.sizes import MIB, PlanError, fmt
 
@@ -45,6 +45,8 @@ def plan_parts(shape: Shape, setup: Setup) -> tuple[list[Part], int]:
     unified memory: needed on the GPU, invisible to torch.cuda.max_memory_allocated)."""
     if setup.sharding not in SHARDINGS:
         raise PlanError(f"--sharding: must be one of {', '.join(SHARDINGS)} (got {setup.sharding!r})")
+    # data.add_tokens / add_template_tokens: the embeddings (and an untied lm_head) grow by the new rows.
+    shape = replace(shape, vocab=shape.vocab + setup.new_tokens)
     parts = _weight_parts(shape, setup) + _adapter_parts(shape, setup) + _parallel_parts(shape, setup)
     parts += _step_parts(shape, setup)
     if setup.device == "cuda":
@@ -90,7 +92,12 @@ def _adapter_parts(shape: Shape, setup: Setup) -> list[Part]:
                 Part("grads", "LoRA gradients", 0, "offloaded"),
                 Part("optimizer", opt_label, 0, f"{fmt(opt)} offloaded")]
     div = _shards(setup)
-    note = f"r={setup.lora_r}, {len(sizes) // 2} adapters, {'fp32' if a_bytes == 4 else '16-bit'}"
+    n_adapters = shape.layers * len(lora_targets(shape, setup.target_modules))
+    note = f"r={setup.lora_r}, {n_adapters} adapters, {'fp32' if a_bytes == 4 else '16-bit'}"
+    if setup.use_dora:
+        note += ", DoRA magnitudes"
+    if setup.new_tokens and setup.token_tables:
+        note += f", {setup.new_tokens} new token rows x {setup.token_tables} embedding matrices"
     paged = paged_bytes(sizes, setup.optimizer) // div
     opt_note = f"{fmt(paged)} of it paged (CUDA unified memory)" if paged else ""
     return [Part("lora", "LoRA parameters", lora // div, note), Part("grads", "LoRA gradients", lora // div),
@@ -108,7 +115,7 @@ def _parallel_parts(shape: Shape, setup: Setup) -> list[Part]:
         return []
     # FSDP/ZeRO-3 gather one decoder layer at a time (two with prefetch) and the root unit (embeddings,
     # lm_head) while it is used.
-    per_layer = 2 * len(lora_targets(shape, setup.target_modules))
+    per_layer = tensors_per_adapter(setup) * len(lora_targets(shape, setup.target_modules))
     layer = weight_parts(replace(shape, layers=1), setup)["base"] + sum(sizes[:per_layer]) * a_bytes
     root = shape.vocab * shape.hidden * (1 if shape.tied else 2) * weight_parts(shape, setup)["kept_dtype_bytes"]
     return [Part("gathered", "gathered (unsharded) units", 2 * layer + root,
