@@ -119,18 +119,13 @@ RECORDS: tuple[Internal, ...] = (
       "the wrapped head whose bias models._expose_head_bias copies", ("finetune/models.py",)),
     I("bitsandbytes", "bitsandbytes.autograd._functions.MatmulLtState.SCB",
       "an 8-bit layer's row scales after its first forward (models.dequantize_8bit_layers)", ("finetune/models.py",)),
-    # --- peft: LoRA layer internals read by our own merge
+    # --- peft: LoRA layer classes merge_lora checks before peft's merge_and_unload (which does the merging: DoRA,
+    # token rows, modules_to_save; no LoRA layer attribute is read by our code any more)
     I("peft", "peft.tuners.lora.LoraLayer",
       "isinstance test for LoRA wrappers (merge.merge_lora)", ("finetune/merge.py",)),
-    I("peft", "peft.tuners.lora.LoraLayer.lora_variant",
-      "DoRA and other variants are refused by merge_lora", ("finetune/merge.py",), instance="_build_lora_layer"),
-    I("peft", "peft.tuners.lora.LoraLayer.lora_bias",
-      "LoRA-bias adapters are refused by merge_lora", ("finetune/merge.py",), instance="_build_lora_layer"),
-    I("peft", "peft.tuners.lora.LoraLayer.scaling",
-      "alpha/r per adapter, applied to B·A by merge_lora", ("finetune/merge.py",), instance="_build_lora_layer"),
-    I("peft", "peft.tuners.lora.LoraLayer.fan_in_fan_out",
-      "transposes the delta for Conv1D-style layers in merge_lora", ("finetune/merge.py",),
-      instance="_build_lora_layer"),
+    I("peft", "peft.tuners.lora.Linear",
+      "peft's dense LoRA layer: merge_lora refuses any other LoraLayer (a quantized one would merge by "
+      "re-quantising)", ("finetune/merge.py",)),
     # --- trl
     I("trl", "trl.SFTTrainer._save_checkpoint",
       "GuardedSFTTrainer's override does not call this one (trl 1.16's only writes a model card README.md into the "
@@ -380,16 +375,6 @@ def _build_fast_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
-
-
-def _build_lora_layer():
-    import torch
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-
-    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"]),
-                                    torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8)}))
-    return next(m for m in model.modules() if isinstance(m, LoraLayer))
 
 
 def _build_linear4bit():
