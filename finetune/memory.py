@@ -62,7 +62,6 @@ def step_peak_bytes(model, batch: int, seq: int, optimizer=None, fused: bool = F
     before backward, as Trainer.training_step does. fused: the loss as TRL's SFTTrainer computes it,
     model(..., fused_lm_head=True) (the model patched by trl's add_fused_lm_head, and finetune.loss.install)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(5, model.config.vocab_size, (batch, seq))
     opt = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -72,7 +71,15 @@ def step_peak_bytes(model, batch: int, seq: int, optimizer=None, fused: bool = F
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # the optimizer state now exists: the measured step only adds activations and gradients
+    return profiled_peak(step)
+
+
+def profiled_peak(step) -> int:
+    """Peak CPU bytes allocated above the starting point while `step()` runs a second time (the first run creates
+    the optimizer state, so the measured one only adds activations and gradients), from the profiler's events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.profiler.kineto_results.events()

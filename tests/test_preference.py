@@ -381,3 +381,68 @@ def test_preference_score_is_length_normalised(tiny_tokenizer, monkeypatch):
     for (ids, labels), reply in zip(seen, item.choices):
         scored = [t for t in labels if t != -100]
         assert scored[-1] == end and tiny_tokenizer.decode(scored[:-1]) == reply and ids[-len(scored):] == scored
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner
+
+
+def _dpo_step_peak(path: Path, ckpt: bool) -> tuple[int, object, int]:
+    """Profiler peak of one DPO step (policy forward on chosen+rejected, reference forward, backward, AdamW) built
+    by train.py's own steps, the recipe, and the padded sequence length."""
+    from finetune import train as T
+    from finetune.memory import profiled_peak
+
+    recipe = load_recipe(path, [f"train.gradient_checkpointing={str(ckpt).lower()}"])
+    Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+    r = T.setup(recipe, path, False, False, [], None)
+    prep = T.prepare_data(r)
+    model = T.build_model(r)
+    trainer = T.build_trainer(r, prep, model)
+    batch = trainer.data_collator([prep.train[i] for i in range(recipe.train.micro_batch_size)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        trainer.compute_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return profiled_peak(step), recipe, batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("ckpt", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_plan_counts_chosen_and_rejected_and_matches_the_profiler(tmp_path, tiny_model_dir, ckpt):
+    from finetune import plan as P
+
+    rows = [{"prompt": " ".join(["what"] * 40) + f" {i}", "chosen": " ".join(["yes"] * 30),
+             "rejected": " ".join(["no"] * 30)} for i in range(8)]  # every pair fills max_length
+    path = pref_recipe(tmp_path, tiny_model_dir, rows=rows, data={"max_length": 48})
+    measured, recipe, seq = _dpo_step_peak(path, ckpt)
+    assert seq == 48
+    plan = P.plan_recipe(recipe, None, device="cpu", seq_len=seq)
+    assert plan.part("activations") == pytest.approx(measured, rel=0.03)
+    # The same recipe as SFT plans half the rows per forward pass and SFT's own loss.
+    sft = recipe.model_copy(update={"train": recipe.train.model_copy(update={"method": "sft"}), "preference": None,
+                                    "data": recipe.data.model_copy(update={"packing": False})})
+    assert P.setup_from_recipe(recipe, device="cpu").batch == 2 * P.setup_from_recipe(sft, device="cpu").batch == 8
+
+
+def test_gradient_checkpointing_auto_decides_with_the_preference_terms(tmp_path, tiny_model_dir):
+    from finetune import plan as P
+    from finetune.plan.from_recipe import auto_checkpointing
+    from finetune.plan.shapes import resolve_shape
+
+    recipe = load_recipe(pref_recipe(tmp_path, tiny_model_dir), ["train.gradient_checkpointing=auto"])
+    sft = recipe.model_copy(update={"train": recipe.train.model_copy(update={"method": "sft"}), "preference": None,
+                                    "data": recipe.data.model_copy(update={"packing": False})})
+    shape, _ = resolve_shape(recipe.model.base)
+    need = {}
+    for name, r in (("dpo", recipe), ("sft", sft)):
+        setup = P.setup_from_recipe(r, device="cpu")
+        need[name] = P.estimate(shape, setup.__class__(**{**setup.__dict__, "gradient_checkpointing": False}),
+                                None).total
+    assert need["dpo"] > need["sft"]
+    memory = int((need["dpo"] + need["sft"]) / 2 / 0.5)  # between the two, at auto's 50% of RAM on a CPU
+    assert auto_checkpointing(shape, P.setup_from_recipe(recipe, device="cpu"), memory)[0] is True
+    assert auto_checkpointing(shape, P.setup_from_recipe(sft, device="cpu"), memory)[0] is False

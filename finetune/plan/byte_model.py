@@ -46,6 +46,9 @@ class Setup:
     wrapped_head: bool = False
     """lm_head is a peft wrapper (trainable token rows, or modules_to_save): finetune/loss.py does not serve it, so
     on the CPU the loss runs TRL's own torch path (logits_bytes, wrapped_head_bytes)."""
+    loss_head: str = "ours"
+    """ours: SFT's loss (finetune/loss.py on the CPU); trl: TRL's preference trainers, whose fused LM head runs its
+    own chunked torch path on the CPU (a [min(tokens, 4096), 32768] matmul buffer whatever the vocabulary)."""
 
 
 SHARDINGS = ("none", "ddp", "fsdp", "fsdp_offload", "zero3", "zero3_offload")
@@ -229,12 +232,13 @@ def logits_bytes(shape: Shape, setup: Setup, chunked: bool | None = None) -> int
     tokens = setup.seq_len * setup.batch
     if not chunked:
         return tokens * (12 * shape.vocab + 256) + wrapped_head_bytes(shape, setup)
-    if setup.device == "cpu" and setup.wrapped_head:
+    if setup.device == "cpu" and (setup.loss_head == "trl" or setup.wrapped_head):
         # trl/kernels/chunked_logprob.py without Triton: one fp32 buffer of TOKEN_CHUNK_SIZE x chunk_size (4096 x
         # 32768) per pass, fp32 per-token statistics, and in backward the fp32 gradient of the hidden states.
         # A wrapped (trained) head adds peft's merged weight and its fp32 gradient.
         # (and six fp32 [tokens, vocab] tile temporaries of the torch path, measured with the profiler)
-        head = wrapped_head_bytes(shape, setup) + 24 * tokens * min(shape.vocab, TRL_TILE[1]) * setup.wrapped_head
+        head = wrapped_head_bytes(shape, setup) + 24 * tokens * min(shape.vocab, TRL_TILE[1]) * (
+            setup.wrapped_head or setup.loss_head == "trl")
         return 4 * min(tokens, TRL_TILE[0]) * TRL_TILE[1] + tokens * (4 * shape.hidden + 32) + head
     if setup.device == "cpu":
         return 8 * shape.vocab * min(tokens, chunk_tokens(shape.vocab)) + tokens * (4 * shape.hidden + 32)

@@ -35,7 +35,13 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
     precision = target_precision(recipe, device, bf16)
     if sharding is None:
         sharding = "ddp" if num_processes > 1 else "none"
-    if batch is None:
+    preference = t.method != "sft"
+    if batch is None and preference:
+        # Never packed; a forward pass holds each pair's chosen and rejected rows (kto: each completion and the
+        # mismatched completion of its KL term), and the reference forward that follows it needs no more than the
+        # policy's loss phase (no gradient, checked against the profiler in tests/test_preference.py).
+        batch = 2 * t.micro_batch_size
+    elif batch is None:
         # Packed without flash-attention, train.py feeds one max_length block per forward pass.
         flash = precision.attn_implementation == "flash_attention_2"
         batch = 1 if recipe.data.packing and not flash else t.micro_batch_size
@@ -46,7 +52,7 @@ def setup_from_recipe(recipe, *, seq_len=None, batch=None, num_processes=1, shar
                  target_modules=targets if isinstance(targets, str) else tuple(targets),
                  optimizer=precision.optimizer, gradient_checkpointing=t.gradient_checkpointing is not False,
                  num_processes=num_processes, sharding=sharding, device=device, chunked_loss=chunked_loss,
-                 **lora_variant_setup(recipe))
+                 loss_head="trl" if preference else "ours", **lora_variant_setup(recipe))
 
 
 def lora_variant_setup(recipe) -> dict:
