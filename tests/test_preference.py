@@ -243,6 +243,9 @@ def test_dpo_run_merges_with_the_sft_fidelity_figures(dpo_run, tmp_path):
     assert fid["base"] == "dequantized" and fid["probes"] == "4 held-out rows"
     assert fid["argmax_agreement"] >= 0.999 and fid["mean_kl"] <= 1e-4  # as tests/test_merge.py for SFT
     assert fid["adapter_vs_base_mean_kl"] > 1000 * max(fid["mean_kl"], 1e-9)
+    r = cli("export", run, "--format", "hf", "gguf", "ollama")  # export needs nothing preference-specific either
+    assert r.exit_code == 0, r.output
+    assert list((run / "export").rglob("*.gguf")) and list((run / "export").rglob("Modelfile"))
 
 
 def test_dpo_starts_from_an_sft_adapter_and_its_reference_is_that_adapter_frozen(tmp_path, tiny_model_dir):
@@ -292,7 +295,8 @@ def test_orpo_simpo_kto_train_on_the_tiny_model(tmp_path, tiny_model_dir, method
 
 
 @pytest.mark.slow
-def test_dpo_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("method,fmt", [("dpo", "preference"), ("kto", "kto"), ("orpo", "preference")])
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, method, fmt):
     import random
     import signal
 
@@ -300,7 +304,7 @@ def test_dpo_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, mo
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     n = 10
-    path = pref_recipe(tmp_path, tiny_model_dir, lora={"r": 8, "alpha": 16, "dropout": 0.1},
+    path = pref_recipe(tmp_path, tiny_model_dir, fmt=fmt, method=method, lora={"r": 8, "alpha": 16, "dropout": 0.1},
                        train={"max_steps": n, "grad_accum": 2, "save_steps": 2, "save_total_limit": 2})
     a = train_run(path, f"output_dir={tmp_path / 'A'}")
     b, log = tmp_path / "B", tmp_path / "b.log"
