@@ -2,7 +2,8 @@
 
     weights      NF4 with and without double quant vs bf16, as transformers + bitsandbytes load them, for
                  SmolLM2-135M (built in) and a random-initialised 1.1B LLaMA shape (TinyLlama's; no download)
-    rss          peak resident memory of one QLoRA training step on SmolLM2 (VmHWM, reset before the step)
+    rss          peak resident memory of one QLoRA training step on SmolLM2 (VmHWM, reset before the step), with
+                 the loss over full logits (the model's own) and in chunks (finetune/loss.py, what SFT runs use)
     activations  the planner's activation estimate against the profiler's measured peak of a training step,
                  on random LLaMA shapes, fp32 and bf16 autocast, with and without gradient checkpointing
 
@@ -94,24 +95,33 @@ def vm(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-recipe = load_recipe(sys.argv[2], sys.argv[5:])
+chunked = sys.argv[5] == "chunked"
+recipe = load_recipe(sys.argv[2], sys.argv[6:])
 hw = detect_hardware("cpu"); pr = choose_precision(recipe, hw)
+torch.manual_seed(0)   # same adapter, ids and dropout masks in every child: the losses are comparable
 model = attach_lora(load_base(recipe, resolve_base(recipe.model.base), pr, hw), recipe, recipe.train.gradient_checkpointing)
 for p in model.parameters():
     if p.requires_grad: p.data = p.data.float()
 model.config.use_cache = False; model.train()
+if chunked:   # the loss as our SFT runs compute it: TRL's fused LM head, served by finetune/loss.py
+    from trl.trainer.utils import add_fused_lm_head
+    from finetune.loss import install
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1")); assert install(model)
+kw = {"fused_lm_head": True} if chunked else {}
 b, s = int(sys.argv[3]), int(sys.argv[4])
 ids = torch.randint(5, model.config.vocab_size, (b, s))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-model(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)   # warm
+model(input_ids=ids, labels=ids, **kw).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)   # warm
 before = vm("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current RSS
 t = time.time()
-model(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+out = model(input_ids=ids, labels=ids, **kw); loss = float(out.loss); out.loss.backward(); del out
+opt.step(); opt.zero_grad(set_to_none=True)
 step_s = time.time() - t
 peak = vm("VmHWM:")
-allocated = step_peak_bytes(model, b, s, opt)
-print(json.dumps({"rss_before": before, "rss_peak": peak, "step_seconds": step_s, "profiler_peak": allocated}))
+allocated = step_peak_bytes(model, b, s, opt, fused=chunked)
+print(json.dumps({"rss_before": before, "rss_peak": peak, "step_seconds": step_s, "profiler_peak": allocated,
+                  "loss": loss}))
 """
 
 
@@ -124,15 +134,17 @@ def rss_section(batch: int, seq: int) -> list[dict]:
 
     rows = []
     recipe_path = str(_common.REPO / "recipes" / "smollm2" / "135m_qlora_quickstart.yaml")
-    for ckpt in (True, False):
+    for ckpt, loss in ((True, "full"), (True, "chunked"), (False, "full"), (False, "chunked")):
         over = [f"train.gradient_checkpointing={str(ckpt).lower()}", "output_dir=/tmp/bench-memory-unused"]
         proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(_common.REPO), recipe_path, str(batch), str(seq),
-                               *over], capture_output=True, text=True, timeout=1800)
+                               loss, *over], capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         m = json.loads(proc.stdout.strip().splitlines()[-1])
-        plan = P.plan_recipe(load_recipe(recipe_path, over), None, device="cpu", batch=batch, seq_len=seq)
-        rows.append({"grad ckpt": ckpt, "batch x seq": f"{batch}x{seq}", "RSS before step MiB": m["rss_before"] / 2**20,
+        plan = P.plan_recipe(load_recipe(recipe_path, over), None, device="cpu", batch=batch, seq_len=seq,
+                             chunked_loss=loss == "chunked")
+        rows.append({"grad ckpt": ckpt, "loss logits": loss, "loss": round(m["loss"], 5),
+                     "batch x seq": f"{batch}x{seq}", "RSS before step MiB": m["rss_before"] / 2**20,
                      "peak RSS MiB": m["rss_peak"] / 2**20, "RSS growth MiB": (m["rss_peak"] - m["rss_before"]) / 2**20,
                      "profiler peak MiB": m["profiler_peak"] / 2**20,
                      "plan activations MiB": plan.part("activations") / 2**20,

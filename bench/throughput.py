@@ -11,6 +11,13 @@ so every arm trains on the same real tokens. Arms run alternately in one process
     ours_nockpt   ours_packed with gradient checkpointing off
     ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true
     trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing, gradient checkpointing
+    trl_packed    the same script with TRL's one-flag packing: packing=True (BFD, padding-free), gradient
+                  checkpointing as TRL defaults it (on)
+    trl_packed_nockpt  trl_packed with gradient_checkpointing=False
+
+Every arm also reports model FLOPs per token, achieved FLOP per CPU-second and MFU against the torch.mm peak the
+bench measures at the model's shapes (bench/mfu.py states the formula). --profile adds a table of where the
+training steps' CPU time goes (matmul, dequantise, attention, elementwise, optimizer) for each arm.
 
 Every arm uses the same micro-batch and gradient accumulation (our recipe defaults) and the same precision
 (fp32 on CPU: TRL's bf16=True default breaks NF4 training on a CPU, see NOTES.md). Tokens are counted where
@@ -33,6 +40,7 @@ from pathlib import Path
 
 import _common
 import lengthmix
+import mfu
 import yaml
 
 CHATML = _common.REPO / "data_templates" / "chatml.jinja"
@@ -44,8 +52,10 @@ class TokenCounter:
     CPU time is far steadier than wall time: other people's processes slow the clock, not the work."""
 
     def __init__(self):
-        self.real = self.fed = self.steps = 0
+        self.real = self.fed = self.steps = self.keys = 0
         self.cpu_first = self.cpu_last = None
+        self.profile = False
+        self.prof = None
 
     def install(self):
         from transformers import Trainer
@@ -59,7 +69,13 @@ class TokenCounter:
             counter.fed += ids.numel()
             counter.real += int(mask.sum()) if mask is not None else ids.numel()  # padding-free: no pads at all
             counter.steps += 1
+            counter.keys += mfu.causal_keys(mfu.example_lengths(inputs))
             if counter.cpu_first is None:
+                if counter.profile:
+                    import torch
+
+                    counter.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    counter.prof.start()
                 counter.cpu_first = time.process_time()
             out = original(self, model, inputs, *a, **kw)
             counter.cpu_last = time.process_time()
@@ -69,8 +85,13 @@ class TokenCounter:
 
     def take(self) -> dict:
         out = {"real_tokens": self.real, "fed_tokens": self.fed, "micro_steps": self.steps,
+               "mean_keys_per_token": round(self.keys / max(1, self.real), 2),
                "cpu_seconds": round(self.cpu_last - self.cpu_first, 2) if self.cpu_first is not None else None}
-        self.real = self.fed = self.steps = 0
+        if self.prof is not None:
+            self.prof.stop()
+            out["profile"] = mfu.profile_table(self.prof)
+            self.prof = None
+        self.real = self.fed = self.steps = self.keys = 0
         self.cpu_first = self.cpu_last = None
         return out
 
@@ -102,8 +123,10 @@ def run_ours(recipe_path: Path) -> float:
     return float(next(x["train_runtime"] for x in reversed(logs) if "train_runtime" in x))
 
 
-def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1) -> float:
-    """The script a TRL user would write: model in 4-bit, a LoraConfig, SFTTrainer, TRL's defaults."""
+def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1, packing: bool = False,
+            gradient_checkpointing: bool = True) -> float:
+    """The script a TRL user would write: model in 4-bit, a LoraConfig, SFTTrainer, TRL's defaults (packing: its
+    one-flag BFD packing, padding-free; gradient_checkpointing: TRL's default is on)."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -125,7 +148,8 @@ def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1) -
     cfg = SFTConfig(output_dir=str(work / "trl"), num_train_epochs=1, max_steps=max_steps,
                     per_device_train_batch_size=args.micro_batch,
                     gradient_accumulation_steps=args.grad_accum, max_length=args.max_length, learning_rate=2e-4,
-                    bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no", seed=0)
+                    bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no", seed=0,
+                    packing=packing, gradient_checkpointing=gradient_checkpointing)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
     out = trainer.train()
@@ -143,13 +167,26 @@ def run_arm(arm: str, args, work: Path, data: Path, model_dir: str, recipes: dic
         _COUNTER.install()
     t0 = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    seconds = run_trl(model_dir, data, args, work) if arm == "trl" else run_ours(recipes[arm])
+    if arm.startswith("trl"):
+        seconds = run_trl(model_dir, data, args, work, packing=arm.startswith("trl_packed"),
+                          gradient_checkpointing=not arm.endswith("nockpt"))
+    else:
+        seconds = run_ours(recipes[arm])
     c = _COUNTER.take()
     return {"seconds": round(seconds, 2), **c,
             "non_pad_fraction": round(c["real_tokens"] / max(1, c["fed_tokens"]), 4),
             "real_tokens_per_s": round(c["real_tokens"] / seconds, 1),
             "real_tokens_per_cpu_s": round(c["real_tokens"] / c["cpu_seconds"], 2),
-            "wall_incl_load_s": round(time.time() - t0, 1)}
+            "wall_incl_load_s": round(time.time() - t0, 1), **_flops(c, args)}
+
+
+def _flops(c: dict, args) -> dict:
+    """Model FLOPs per token (bench/mfu.py) and what this arm achieved per CPU-second."""
+    from finetune.plan import resolve_shape
+
+    shape, _ = resolve_shape(args.model)
+    fpt = mfu.flops_per_token(shape, 16, c["mean_keys_per_token"])
+    return {"model_flops_per_token": round(fpt), "achieved_flops_per_cpu_s": round(c["real_tokens"] * fpt / c["cpu_seconds"])}
 
 
 def run_child(arm: str, args, work: Path) -> dict:
@@ -159,12 +196,22 @@ def run_child(arm: str, args, work: Path) -> dict:
 
     cmd = [sys.executable, __file__, "--one", arm, "--work", str(work), "--model", args.model,
            "--max-length", str(args.max_length), "--micro-batch", str(args.micro_batch),
-           "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
+           "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)] + (["--profile"] if args.profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"bench arm {arm} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _summary_row(arm: str, mine: list[dict], peak: float) -> dict:
+    achieved = _common.median([r["achieved_flops_per_cpu_s"] for r in mine])
+    return {"arm": arm, "real tok per CPU-s (median)": _common.median([r["real_tokens_per_cpu_s"] for r in mine]),
+            "real tok/s wall (median)": _common.median([r["real_tokens_per_s"] for r in mine]),
+            "non-pad fraction": mine[0]["non_pad_fraction"], "real tokens": mine[0]["real_tokens"],
+            "model GFLOP/token": round(mine[0]["model_flops_per_token"] / 1e9, 4),
+            "achieved GFLOP per CPU-s": round(achieved / 1e9, 2), "peak GFLOP per CPU-s": round(peak / 1e9, 2),
+            "MFU": round(achieved / peak, 3), "repeats": len(mine), "profile": mine[0].get("profile")}
 
 
 def main():
@@ -176,11 +223,14 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--arms", default="ours_packed,ours_padded,trl",
-                    help="any of ours_packed, ours_padded, ours_same, ours_nockpt, ours_grouped, trl")
+                    help="any of ours_packed, ours_padded, ours_same, ours_nockpt, ours_grouped, trl, trl_packed, "
+                    "trl_packed_nockpt")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
                     "threads spinning while they wait for each other on a busy machine)")
     ap.add_argument("--isolate", action="store_true", help="run every arm in a fresh process, so no arm inherits "
                     "another's heap, caches or imported state")
+    ap.add_argument("--profile", action="store_true", help="profile the training steps of every arm (slower: "
+                    "use it for the profile table, not for the speed ratios)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this arm once in this process (--isolate)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -191,6 +241,10 @@ def main():
     torch.set_num_threads(args.threads)
     from finetune.models import resolve_base
 
+    global _COUNTER
+    _COUNTER = TokenCounter()
+    _COUNTER.install()
+    _COUNTER.profile = args.profile
     if args.one:  # a child of --isolate: one arm, one JSON line
         data = args.work / "mix.jsonl"
         (args.work / args.one).mkdir(parents=True, exist_ok=True)
@@ -202,7 +256,12 @@ def main():
     data = lengthmix.write(work / "mix.jsonl", args.rows, seed=0)
     model_dir = resolve_base(args.model).hf_path
     arms = args.arms.split(",")
-    recipes = {a: write_recipe(work, args.model, data, args, a) for a in arms if a != "trl"}
+    recipes = {a: write_recipe(work, args.model, data, args, a) for a in arms if not a.startswith("trl")}
+    from finetune.plan import resolve_shape
+
+    shape, _ = resolve_shape(args.model)
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    peaks = [mfu.matmul_peak(shape, threads=args.threads, dtype=dtype)]
     runs = []
     for rep in range(args.repeats):
         order = arms[rep % len(arms):] + arms[:rep % len(arms)]  # rotate, so no arm always goes first
@@ -214,34 +273,28 @@ def main():
             runs.append({"repeat": rep, "arm": arm, **row})
             print(f"[{rep}] {arm}: {runs[-1]['real_tokens_per_s']} real tok/s (wall), "
                   f"{runs[-1]['real_tokens_per_cpu_s']} per CPU-second", flush=True)
-    import torch
-
+    peaks.append(mfu.matmul_peak(shape, threads=args.threads, dtype=dtype))  # before and after: the better one
+    peak = max(p["peak_flops_per_cpu_s"] for p in peaks)
     # The ratio is taken on CPU time on a CPU (steady on a shared machine) and on wall time on a GPU.
     metric = "real_tokens_per_s" if torch.cuda.is_available() else "real_tokens_per_cpu_s"
-    summary = []
-    for arm in arms:
-        mine = [r for r in runs if r["arm"] == arm]
-        summary.append({"arm": arm, "real tok/s wall (median)": _common.median([r["real_tokens_per_s"] for r in mine]),
-                        "real tok per CPU-s (median)": _common.median([r["real_tokens_per_cpu_s"] for r in mine]),
-                        "non-pad fraction": mine[0]["non_pad_fraction"], "real tokens": mine[0]["real_tokens"],
-                        "repeats": len(mine)})
+    summary = [_summary_row(arm, [r for r in runs if r["arm"] == arm], peak) for arm in arms]
     ratios = {"metric": metric}
-    if "trl" in arms:
-        for arm in arms:
-            if arm == "trl":
-                continue
-            per_rep = [a[metric] / b[metric] for rep in range(args.repeats)
-                       for a in runs if a["arm"] == arm and a["repeat"] == rep
-                       for b in runs if b["arm"] == "trl" and b["repeat"] == rep]
-            ratios[f"{arm}/trl"] = {"median": round(_common.median(per_rep), 3), "per_repeat": [round(x, 3) for x in per_rep]}
+    for anchor in [a for a in arms if a.startswith("trl")]:
+        for arm in [a for a in arms if not a.startswith("trl")]:
+            per_rep = [x[metric] / y[metric] for rep in range(args.repeats)
+                       for x in runs if x["arm"] == arm and x["repeat"] == rep
+                       for y in runs if y["arm"] == anchor and y["repeat"] == rep]
+            ratios[f"{arm}/{anchor}"] = {"median": round(_common.median(per_rep), 3),
+                                         "per_repeat": [round(x, 3) for x in per_rep]}
             for row in summary:
                 if row["arm"] == arm:
-                    row["speed-up vs trl (a/b)"] = ratios[f"{arm}/trl"]["median"]
-                    row["b/a"] = round(1 / ratios[f"{arm}/trl"]["median"], 3)
-    print(_common.table(summary, ["arm", "real tok per CPU-s (median)", "real tok/s wall (median)",
-                                  "speed-up vs trl (a/b)", "b/a", "non-pad fraction", "real tokens", "repeats"]))
-    path = _common.save("throughput", {"args": vars(args), "runs": runs, "summary": summary, "ratios": ratios},
-                        args.out)
+                    row[f"x {anchor}"] = ratios[f"{arm}/{anchor}"]["median"]
+    print(_common.table(summary, list(dict.fromkeys(k for row in summary for k in row if k != "profile"))))
+    for row in summary:
+        if row.get("profile"):
+            print(f"profile of {row['arm']} (repeat 0):\n" + _common.table(row["profile"], list(row["profile"][0])))
+    path = _common.save("throughput", {"args": vars(args), "runs": runs, "summary": summary, "ratios": ratios,
+                                       "matmul_peak": peaks}, args.out)
     print(f"results: {path}")
     shutil.rmtree(work, ignore_errors=True)
 
