@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from finetune import rundir
+from finetune.agreement import generation_agreement
 from finetune.data import prompt_ids, render_ids_and_mask
 from finetune.errors import UserError
 from finetune.hardware import Hardware, Precision, detect_hardware
@@ -213,15 +214,7 @@ def compare_logits(ref: list[torch.Tensor], new: list[torch.Tensor]) -> dict:
             "positions": total, "max_abs_dlogit": max_dlogit}
 
 
-def compare_generations(ref: list[list[int]], new: list[list[int]]) -> dict:
-    same = sum(a == b for a, b in zip(ref, new))
-    # Token agreement up to the first divergence: after it the two continue from different contexts.
-    matched = total = 0
-    for a, b in zip(ref, new):
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        matched += k
-        total += max(len(a), len(b))
-    return {"identical": same, "prompts": len(ref), "token_agreement": matched / max(total, 1)}
+compare_generations = generation_agreement  # one definition for merge and export (finetune/agreement.py)
 
 
 def fidelity_summary(f: dict) -> str:

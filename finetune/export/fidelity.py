@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.agreement import generation_agreement
 from finetune.export import ladder as L
 from finetune.export.quantize import gguf_stats
 
@@ -41,7 +42,7 @@ def _measure(label: str, side: dict, ref: dict, task: dict | None, tok) -> dict:
     row = {"type": label, **L.kl_top1(ref["logits"], side["logits"])}
     if ref["generations"]:
         gens = [g["ids"] for g in side["generations"]]
-        row["greedy"] = L.generation_agreement(ref["generations"], gens)
+        row["greedy"] = generation_agreement(ref["generations"], gens)
         row["stop_rate"] = float(np.mean([g["stopped"] for g in side["generations"]]))
     if task:
         row["task_value"] = L.task_value(task, [g["text"] for g in side["generations"]])

@@ -108,18 +108,6 @@ def kl_top1(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
             "positions": int(kl.size)}
 
 
-def generation_agreement(ref: list[list[int]], new: list[list[int]]) -> dict:
-    """Identical continuations, and tokens agreeing up to the first divergence (after it the contexts differ)."""
-    same = sum(a == b for a, b in zip(ref, new))
-    matched = total = 0
-    for a, b in zip(ref, new):
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        matched += k
-        total += max(len(a), len(b))
-    return {"identical": same, "prompts": len(ref), "identical_fraction": same / max(len(ref), 1),
-            "token_agreement": matched / max(total, 1)}
-
-
 def task_value(task: dict, texts: list[str]) -> float:
     """The task's metric (eval's own scoring function) averaged over the prompts."""
     vals = [task["score"](t, refs) for t, refs in zip(texts, task["references"])]
