@@ -285,8 +285,9 @@ def _export_gguf(run: Path, paths: dict[str, Path], types: list[str], tok, templ
         except QuantizeError as e:
             raise ExportError(str(e)) from None
         made[t] = {"by": f"llama.cpp's quantizer from {paths[src].name}", **info}
-        log.info("gguf: llama.cpp quantized %s -> %s (%.1fs, child peak RSS %.0f MiB)", paths[src].name,
-                 paths[t].name, info["seconds"], info["peak_rss_bytes"] / 2**20)
+        log.info("gguf: llama.cpp quantized %s -> %s (%.1fs; the child's RSS rose by %.0f MiB while quantizing a "
+                 "%.0f MiB file)", paths[src].name, paths[t].name, info["seconds"],
+                 (info["peak_rss_bytes"] - info["rss_before_bytes"]) / 2**20, info["input_bytes"] / 2**20)
     done["gguf"] = {"source": rundir.merged_token(run), "gguf_type": types[0], "gguf_types": types,
                     "files": [_rel(run, paths[t]) for t in types], "fallbacks": fallbacks,
                     "made": {t: made[t] for t in types}}
@@ -369,8 +370,11 @@ def _verify(run: Path, paths: dict[str, Path], types: list[str], tok, template: 
     result["ladder"] = ladder
     rows_ok = all(r.get("passed") for r in ladder["rows"])
     result["passed"] = bool(result["passed"] and rows_ok)
-    result["summary"] += "\n" + "\n".join(ladder_lines(ladder)) + ("" if rows_ok else "\nladder: FAIL")
+    failed = [r["type"] for r in ladder["rows"] if not r.get("passed")]
+    result["summary"] += (f"; fidelity ladder of {len(ladder['rows'])} files: "
+                          + ("PASS" if rows_ok else f"FAIL ({', '.join(failed)})"))
+    ladder["lines"] = ladder_lines(ladder)
     rundir.write_json(run / "export" / "verify.json", result)
     print(result["summary"], flush=True)
-    print(ladder["table"], flush=True)
+    print("\n".join(ladder["lines"]) + "\n\n" + ladder["table"], flush=True)
     return result

@@ -69,24 +69,39 @@ def source_type(types: list[str]) -> str:
     return "f32" if "f32" in types and "f16" not in types else "f16"
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+    across exec, so a child started by a 1 GiB parent would report the parent's peak."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _quantize_in_child(src: str, dst: str, ftype_name: str, nthread: int) -> dict:
     """Runs in the child: llama_model_quantize, and the child's peak resident memory."""
     import ctypes
-    import resource
 
     import llama_cpp
 
     llama_cpp.llama_backend_init()
+    before = peak_rss()  # the interpreter and its imports
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype_name)
     params.nthread = nthread
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
-    return {"returncode": int(rc), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"returncode": int(rc), "rss_before_bytes": before,
+            "peak_rss_bytes": peak_rss()}
 
 
 def quantize_gguf(src: Path, dst: Path, gguf_type: str, nthread: int = 0) -> dict:
     """Quantize `src` (an f16/f32 GGUF) to `dst` with llama.cpp; published atomically. Returns
-    {"peak_rss_bytes": ..., "seconds": ...}. Raises isolate.Crashed on a native crash, QuantizeError on rc != 0."""
+    {"peak_rss_bytes", "rss_before_bytes" (the child before quantizing), "input_bytes", "seconds"}. Raises isolate.Crashed on a native crash, QuantizeError on rc != 0."""
     import time
 
     from finetune.rundir import publishing_file
@@ -98,7 +113,8 @@ def quantize_gguf(src: Path, dst: Path, gguf_type: str, nthread: int = 0) -> dic
         if out["returncode"] != 0:
             raise QuantizeError(f"llama.cpp's quantizer returned {out['returncode']} for {gguf_type} "
                                 f"({Path(src).name})")
-    return {"peak_rss_bytes": out["peak_rss_bytes"], "seconds": round(time.time() - started, 2)}
+    return {"peak_rss_bytes": out["peak_rss_bytes"], "rss_before_bytes": out["rss_before_bytes"],
+            "input_bytes": Path(src).stat().st_size, "seconds": round(time.time() - started, 2)}
 
 
 def gguf_stats(path: Path) -> dict:
