@@ -68,12 +68,13 @@ class ChunkedLogProbs(torch.autograd.Function):
             z.sub_(m)
             p = torch.exp(z) if want_entropy else z.exp_()
             total = p.sum(1)
-            if want_entropy:  # sum_v e_v z_v as a batched dot product: no third [c, V] tensor
-                entropy[s:e] = torch.log(total) - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1) / total
+            if want_entropy:  # sum_v e_v z_v, multiplied into z (not needed after this): no third [c, V] tensor
+                entropy[s:e] = torch.log(total) - z.mul_(p).sum(1) / total
             log_z[s:e] = m.squeeze(1) + torch.log(total)
             if early:
                 p.div_(total[:, None]).neg_().scatter_add_(1, t, torch.ones_like(t, dtype=p.dtype))
                 grad_h[s:e] = torch.mm(p.to(dtype), w).to(hidden.dtype)
+            del z, p  # before the next chunk's logits are allocated
         ctx.save_for_backward(grad_h if early else hidden, weight, targets, log_z)
         ctx.early, ctx.chunk = early, chunk
         outs = (target_z - log_z, entropy, top1)
@@ -103,6 +104,7 @@ class ChunkedLogProbs(torch.autograd.Function):
                 grad_h[s:e] = torch.mm(dz, w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w.addmm_(dz.t().float(), h.float())
+            del dz
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
