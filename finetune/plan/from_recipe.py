@@ -82,6 +82,11 @@ def plan_recipe(recipe, gpu_memory: int | None, **kw) -> Plan:
     shape, source = resolve_shape(recipe.model.base, kw.pop("shape", None))
     setup = setup_from_recipe(recipe, **kw)
     notes = []
+    if recipe.train.method != "sft" and kw.get("batch") is None:
+        ref = ("; the reference forward runs on the same 4-bit base (no second model)"
+               if recipe.train.method in ("dpo", "kto") else "")
+        notes.append(f"train.method {recipe.train.method}: a micro-batch of {recipe.train.micro_batch_size} examples "
+                     f"is {setup.batch} rows per forward pass (chosen and rejected, or kto's KL completions){ref}")
     if recipe.train.gradient_checkpointing == "auto":
         ckpt, why = auto_checkpointing(shape, setup, gpu_memory)
         setup = replace(setup, gradient_checkpointing=ckpt)
