@@ -271,6 +271,8 @@ def activation_bytes(shape: Shape, setup: Setup) -> int:
     const_layers = min(2, shape.layers) if setup.gradient_checkpointing else shape.layers
     # The bf16 copy autocast makes of an fp32 lm_head only exists when prepare_model_for_kbit_training upcast it.
     const = coeff["loss_const"](shape) if res == 4 else 0
+    if setup.chunked_loss and setup.device == "cuda" and const:
+        const = 2 * min(shape.vocab, TRL_TILE[1]) * shape.hidden  # TRL casts one vocabulary tile of lm_head at a time
     loss = logits_bytes(shape, setup) + const if setup.chunked_loss else \
         tokens * coeff["loss"](shape) + const + wrapped_head_bytes(shape, setup)
     return tokens * stored + const_layers * dora_const + max(loss, tokens * phase)

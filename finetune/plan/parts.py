@@ -127,10 +127,10 @@ def _step_parts(shape: Shape, setup: Setup) -> list[Part]:
     ckpt = "with" if setup.gradient_checkpointing else "without"
     # The loss's logits term, both ways: the one in use is part of the activations' peak.
     chunked, full = logits_bytes(shape, setup, True), logits_bytes(shape, setup, False)
-    used = "chunked" if setup.chunked_loss else "full"
+    used = f"chunked {fmt(chunked)} (full [tokens, vocab]: {fmt(full)})" if setup.chunked_loss else \
+        f"full [tokens, vocab] {fmt(full)} (chunked: {fmt(chunked)})"
     parts = [Part("activations", f"activations ({ckpt} gradient checkpointing)", activation_bytes(shape, setup),
-                  f"batch {setup.batch} x seq {setup.seq_len}; loss logits {used}: chunked {fmt(chunked)}, "
-                  f"full [tokens, vocab] {fmt(full)}")]
+                  f"batch {setup.batch} x seq {setup.seq_len}; loss logits {used}")]
     if setup.device == "cuda" and setup.load_in_4bit:
         biggest = max(a * b for _, a, b in shape.linears())
         dtype_bytes = 4 if setup.compute == "fp32" else 2
