@@ -9,10 +9,11 @@ never silently mistranslated.
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 import json
 import re
 from dataclasses import dataclass
+
+from finetune.errors import UserError
 
 SYS, U1, A1, U2, A2 = "\x02SYS\x03", "\x02U1\x03", "\x02A1\x03", "\x02U2\x03", "\x02A2\x03"
 
