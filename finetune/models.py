@@ -286,6 +286,8 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
     )
     if quantized:
         kwargs["quantization_config"] = quantization_config(recipe, precision.compute_dtype)
+        if not hw.cuda:
+            check_bnb_runs_on_this_cpu()
     if distributed.sharded():
         # FSDP / ZeRO-3 place and shard the weights themselves (no whole copy per rank), and a wrapped unit must
         # hold one dtype: load the non-4-bit weights in the 4-bit storage dtype (= compute dtype, checked).
@@ -299,6 +301,50 @@ def load_base(recipe, source: BaseSource, precision, hw, quantized: bool | None 
     if quantized and recipe.quantization.load_in_4bit:
         keep_training_nf4_layout(model)
     return model
+
+
+def check_bnb_runs_on_this_cpu() -> None:
+    """bitsandbytes' CPU kernels are native code built for some instruction sets; on a CPU without them the
+    first 4-bit layer kills the process (SIGILL/SIGSEGV) with no message. Run one tiny NF4 forward and
+    backward in a child process first (once per machine and bitsandbytes version: the verdict is cached), so
+    that failure is one line naming the signal and what to do, and nothing of the run is lost."""
+    from finetune import isolate
+
+    marker = rundir.cache_root() / "bnb-cpu-ok" / f"{isolate.runtime_version('bitsandbytes')}-{_cpu_id()}"
+    if marker.is_file():
+        return
+    try:
+        isolate.call(_bnb_probe, what="running a 4-bit (NF4) layer on this CPU", runtime="bitsandbytes",
+                     tag="bnb-probe")
+    except isolate.Crashed as e:
+        raise ModelSourceError(f"quantization.load_in_4bit: {e} ({_cpu_id()}); train without 4-bit here "
+                               "(quantization.load_in_4bit: false) or on a GPU") from None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_text(marker, "ok\n")
+
+
+def _cpu_id() -> str:
+    """The CPU model, from /proc/cpuinfo (the probe's verdict holds for one kind of CPU)."""
+    import hashlib
+    import platform
+
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), platform.processor())
+    except OSError:
+        name = platform.processor() or platform.machine()
+    return hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+def _bnb_probe() -> bool:
+    """A 64x64 NF4 layer, forward and backward (runs in the probe's child process)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4").to("cpu")
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()
+    return bool(torch.isfinite(x.grad).all())
 
 
 def quantized_base(recipe) -> bool:

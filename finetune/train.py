@@ -18,10 +18,11 @@ from finetune import checkpoints as ck
 from finetune import data as data_mod
 from finetune import distributed, rundir
 from finetune import resume as resume_mod
-from finetune.data.packing import StepShape, pack, shape_for
+from finetune.data.packing import StepShape, pack
 from finetune.hardware import choose_precision, detect_hardware
-from finetune.models import (LoraHardwareError, add_new_tokens, align_special_ids, attach_lora, load_base,
-                             load_tokenizer, lora_hardware_problem, resize_for_tokenizer, resolve_base)
+from finetune.models import (LoraHardwareError, add_new_tokens, align_special_ids, attach_lora,
+                             check_bnb_runs_on_this_cpu, load_base, load_tokenizer, lora_hardware_problem,
+                             quantized_base, resize_for_tokenizer, resolve_base)
 from finetune.recipe import Recipe, recipe_to_yaml
 from finetune.report import write_report
 from finetune.start_adapter import load_start_adapter, start_adapter_record
@@ -264,6 +265,8 @@ def setup(recipe: Recipe, recipe_path, resume: bool, force: bool, overrides: lis
         r.resume = resume_mod.ResumePlan(latest, ck.step_of(latest) if latest else 0)
     resume_mod.check_world_size(r.resume.checkpoint, distributed.world_size())  # every rank: none may go on alone
     r.hw = detect_hardware(recipe.train.device)
+    if quantized_base(recipe) and not r.hw.cuda:  # a CPU bitsandbytes cannot run: one line, before any work
+        check_bnb_runs_on_this_cpu()
     r.precision = choose_precision(recipe, r.hw)
     for w in r.precision.warnings:
         log.warning(w)

@@ -111,3 +111,21 @@ def test_cuda_without_a_gpu_is_a_user_error(recipe_factory):
     result = RUNNER.invoke(app, ["train", str(recipe_factory()), "train.device=cuda"])
     line = _one_line(result)
     assert result.exit_code == 2 and "train.device: cuda was asked for but no CUDA GPU is visible" in line
+
+
+def test_bitsandbytes_crashing_on_this_cpu_is_one_line(recipe_factory, monkeypatch, tmp_path):
+    """bitsandbytes' CPU kernel dying (SIGILL/SIGSEGV on a CPU it was not built for) is probed in a child process:
+    one line naming the runtime, the signal and the fix, instead of a dead process."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "fresh-cache"))  # no cached verdict: the probe runs
+    monkeypatch.setenv("FINETUNE_CRASH_CHILD", "bnb-probe")
+    result = RUNNER.invoke(app, ["train", str(recipe_factory())])
+    errors = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    line = errors[0]
+    assert "data:" not in result.output, "probed before any data work"
+    assert "bitsandbytes" in line and "crashed with SIGSEGV" in line and "load_in_4bit: false" in line, line
+    monkeypatch.delenv("FINETUNE_CRASH_CHILD")
+    from finetune.models import check_bnb_runs_on_this_cpu
+
+    check_bnb_runs_on_this_cpu()  # passes here, and the verdict is kept for the next load
+    assert list((tmp_path / "fresh-cache" / "bnb-cpu-ok").iterdir())
