@@ -114,3 +114,20 @@ def test_plan_counts_logits_with_and_without_chunks():
     assert P.fmt(chunked) in note and P.fmt(P.logits_bytes(shape, s, chunked=False)) in note
     full = P.estimate(shape, replace(s, chunked_loss=False))
     assert full.part("activations") > plan.part("activations") + 2 * 2**30
+
+
+def test_sft_run_uses_chunked_loss_and_keeps_metrics(recipe_factory, monkeypatch):
+    """`finetune train` (SFT on the CPU) computes its loss here, and TRL's entropy and token accuracy still log."""
+    import json
+
+    from finetune.recipe import load_recipe
+    from finetune.train import train
+
+    calls = []
+    real = L.fused_output
+    monkeypatch.setattr(L, "fused_output", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = recipe_factory()
+    run = train(load_recipe(path), path)
+    logs = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert calls and any("mean_token_accuracy" in x and "entropy" in x for x in logs)
+    assert all(x["loss"] == x["loss"] for x in logs if "loss" in x)  # finite, not NaN
