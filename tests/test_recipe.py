@@ -55,7 +55,8 @@ MALFORMED = [
     ("missing data file", {"data": {"train": [{"path": "data/missing.jsonl"}]}},
      "data.train[0].path: file not found (relative paths are resolved from the current directory) (got 'data/missing.jsonl')"),
     ("unknown format", {"data": {"train": [{"path": "tatsu-lab/alpaca", "format": "csvish"}]}},
-     "data.train[0].format: must be one of 'alpaca', 'messages', 'sharegpt', 'prompt_completion' or 'text' (got 'csvish')"),
+     "data.train[0].format: must be one of 'alpaca', 'messages', 'sharegpt', 'prompt_completion', 'text', "
+     "'preference', 'preference_messages' or 'kto' (got 'csvish')"),
     ("scalar where list", {"data": {"train": "x.jsonl"}}, "data.train: must be a list (got 'x.jsonl')"),
     ("empty train list", {"data": {"train": []}}, "data.train: must not be empty (got [])"),
     ("unknown builtin", {"model": {"base": "builtin:gpt5"}},
