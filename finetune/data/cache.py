@@ -71,6 +71,20 @@ def load(key: str):
     return train, held, report
 
 
+def cached(key: str, build, example_type, prepared_type):
+    """prepared_type(train, held-out examples, report) from the cache under `key`, else build() stored under it
+    (an empty key: never cached). The report says which it was."""
+    if key and (hit := load(key)) is not None:
+        train, held_rows, report = hit
+        report["cache"] = {"hit": True, "key": key}
+        return prepared_type(train, [example_type(**r) for r in held_rows], report)
+    prepared = build()
+    if key:
+        store(key, prepared.train, [vars(e) for e in prepared.held_out], prepared.report)
+        prepared.report["cache"] = {"hit": False, "key": key}
+    return prepared
+
+
 def store(key: str, train, held_rows: list[dict], report: dict) -> None:
     """Published whole (rundir.publishing_dir), so a crash never leaves a half cache that looks whole."""
     d = _dir(key)

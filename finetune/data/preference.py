@@ -231,15 +231,7 @@ def prepare_preference(recipe, tok, template: ChatTemplate, use_cache: bool = Tr
         base = data_cache.fingerprint(recipe, tok, template, data_hashes(recipe))
         extra = json.dumps({"method": recipe.train.method, "max_prompt_length": max_prompt_length(recipe)})
         key = base and hashlib.sha256((base + extra).encode()).hexdigest()[:32]
-    if key and (hit := data_cache.load(key)) is not None:
-        train, held_rows, report = hit
-        report["cache"] = {"hit": True, "key": key}
-        return Prepared(train, [PreferenceExample(**r) for r in held_rows], report)
-    prepared = _prepare_uncached(recipe, tok, template)
-    if key:
-        data_cache.store(key, prepared.train, [vars(e) for e in prepared.held_out], prepared.report)
-        prepared.report["cache"] = {"hit": False, "key": key}
-    return prepared
+    return data_cache.cached(key, lambda: _prepare_uncached(recipe, tok, template), PreferenceExample, Prepared)
 
 
 def _prepare_uncached(recipe, tok, template):

@@ -127,18 +127,8 @@ def prepare(recipe, tok, template: ChatTemplate, use_cache: bool = True) -> Prep
     """Sources -> checked rows -> held-out split -> ids + labels, with a report. Cached by fingerprint."""
     from finetune.data import cache as data_cache
 
-    key = data_cache.fingerprint(recipe, tok, template, data_hashes(recipe)) if use_cache else None
-    if key:
-        hit = data_cache.load(key)
-        if hit is not None:
-            train, held_rows, report = hit
-            report["cache"] = {"hit": True, "key": key}
-            return Prepared(train, [Example(**r) for r in held_rows], report)
-    prepared = _prepare_uncached(recipe, tok, template)
-    if key:
-        data_cache.store(key, prepared.train, [vars(e) for e in prepared.held_out], prepared.report)
-        prepared.report["cache"] = {"hit": False, "key": key}
-    return prepared
+    key = data_cache.fingerprint(recipe, tok, template, data_hashes(recipe)) if use_cache else ""
+    return data_cache.cached(key, lambda: _prepare_uncached(recipe, tok, template), Example, Prepared)
 
 
 def _prepare_uncached(recipe, tok, template: ChatTemplate) -> Prepared:
