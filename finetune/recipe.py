@@ -536,6 +536,10 @@ def _describe_errors(err: ValidationError, raw: dict) -> list[str]:
     return unique
 
 
+_TYPE_TAGS = frozenset({"bool", "int", "float", "str", "none", "bytes", "decimal"})
+"""The names pydantic gives scalar union branches in a loc; no recipe field is called that."""
+
+
 def _user_loc(loc, raw) -> list:
     """pydantic adds union-branch tags ("list[str]", "literal[...]", "function-after[...]") to loc; they mean
     nothing to a user. Drop them, but never a key the user actually wrote (a key may be spelled "[")."""
@@ -547,8 +551,10 @@ def _user_loc(loc, raw) -> list:
             out.append(p)
             cur = cur[p]
             at_value = not isinstance(cur, (dict, list))
-        elif at_value and isinstance(p, str):
-            continue  # past a value the user wrote, only union-branch tags follow ("bool", "int", ...)
+        elif at_value or (isinstance(p, str) and (isinstance(cur, list) or p in _TYPE_TAGS)):
+            # Past a scalar the user wrote, what follows is ours (a union-branch tag, or the index of the list a
+            # validator wrapped it in, as `gguf_type: q4_k_m` -> [q4_k_m]); likewise a type tag in a list or mapping.
+            continue
         elif not (isinstance(p, str) and ("[" in p or p.startswith("function-"))):
             out.append(p)
             cur = None
