@@ -2,8 +2,8 @@
 
 Unpacked, an optimizer step holds `micro_batch_size x grad_accum` examples (per process), and an epoch has
 `examples / that` steps. Packed naively -- TRL's `packing=True` fills max_length blocks and the micro-batch counts
-blocks -- a step holds as many times more examples as fit in a block (issue 19 measured it on an instruction set), an
-epoch has that many times fewer updates, and the learning-rate schedule means something else (issue 19).
+blocks -- a step holds as many times more examples as fit in a block (issue 19 measured it on instruction data),
+an epoch has that many times fewer updates, and the learning-rate schedule means something else (issue 19).
 
 Here a packed step holds, on average, exactly the examples an unpacked one holds. We pack ourselves, into a
 chosen *number* of blocks rather than into as few as possible: k blocks per optimizer step and

@@ -78,7 +78,8 @@ def densify_4bit_on_cpu(model, dtype) -> int:
     """Swap every 4-bit base layer for a dense one holding dequant(NF4(W)), the adapter staying on top.
 
     On the CPU, bitsandbytes computes a 4-bit layer by dequantising its whole weight and then multiplying, on
-    every call; in generation that is once per new token, which made decoding several times slower than the matmuls (bench/RESULTS.md).
+    every call; in generation that is once per new token, which made decoding several times slower than the
+    matmuls (bench/RESULTS.md).
     Dequantising once gives the very same weights, so the outputs are identical (a test checks it). Skipped
     when the dense copy would not fit comfortably in memory; never done on a GPU, where 4-bit kernels are fast
     and memory is what 4-bit is for.
