@@ -60,7 +60,7 @@ def method_config(recipe, common: dict):
     if method == "dpo":
         from trl import DPOConfig
 
-        if "loss_type" in set_:
+        if isinstance(set_.get("loss_type"), str):
             set_["loss_type"] = [set_["loss_type"]]
         return DPOConfig(**common, **set_), GuardedDPOTrainer
     if method == "kto":

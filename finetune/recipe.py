@@ -319,6 +319,11 @@ class TrainSection(_Section):
     """Where to train: auto uses CUDA when present."""
 
 
+PreferenceLoss = Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                         "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "kto",
+                         "apo_zero_unpaired"]
+
+
 class PreferenceSection(_Section):
     """Keys of the preference methods (train.method dpo | orpo | kto | simpo). A key that the chosen method does
     not use is an error naming it. Unset keys take TRL's default for the method."""
@@ -326,10 +331,13 @@ class PreferenceSection(_Section):
     beta: float | None = Field(None, gt=0)
     """Strength of the pull towards the reference (dpo, kto: TRL default 0.1), ORPO's odds-ratio weight (lambda,
     0.1), or SimPO's reward scale (2.0)."""
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-                       "apo_zero", "apo_down", "sigmoid_norm", "kto", "apo_zero_unpaired"] | None = None
-    """dpo: sigmoid (DPO, default) | hinge | ipo | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero |
-    apo_down | sigmoid_norm; kto: kto (default) | apo_zero_unpaired."""
+    loss_type: PreferenceLoss | list[PreferenceLoss] | None = None
+    """dpo: sigmoid (DPO, default) | hinge | ipo | robust | exo_pair | nca_pair | bco_pair | sppo_hard | aot |
+    aot_unpaired | apo_zero | apo_down | discopop | sigmoid_norm | sft, or a list of them summed with loss_weights
+    (e.g. [sigmoid, sft]: DPO plus the chosen reply's NLL, which keeps the chosen reply likely); kto: kto (default) |
+    apo_zero_unpaired."""
+    loss_weights: list[float] | None = None
+    """dpo: one weight per entry of a loss_type list (default: 1.0 each)."""
     label_smoothing: float | None = Field(None, ge=0, lt=0.5)
     """dpo: probability that a label is flipped (robust and exo_pair losses; 0 = none)."""
     reference: Literal["start", "base", "precomputed"] | None = None
@@ -349,7 +357,7 @@ class PreferenceSection(_Section):
 
 
 PREFERENCE_KEYS = {
-    "dpo": {"beta", "loss_type", "label_smoothing", "reference", "max_prompt_length"},
+    "dpo": {"beta", "loss_type", "loss_weights", "label_smoothing", "reference", "max_prompt_length"},
     "kto": {"beta", "loss_type", "reference", "desirable_weight", "undesirable_weight", "max_prompt_length"},
     "orpo": {"beta", "max_prompt_length"},
     "simpo": {"beta", "simpo_gamma", "max_prompt_length"},
@@ -684,6 +692,22 @@ def _check_paths(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _loss_problems(method: str, pref) -> list[str]:
+    """preference.loss_type / loss_weights against the method: kto takes one of its own losses, dpo one or a list
+    of the others, and a weight per listed loss."""
+    losses = pref.loss_type if isinstance(pref.loss_type, list) else [] if pref.loss_type is None else [pref.loss_type]
+    problems = [f"preference.loss_type: {x!r} is not a {method} loss" for x in losses
+                if (x in KTO_LOSSES) != (method == "kto")]
+    if method == "kto" and isinstance(pref.loss_type, list):
+        problems.append("preference.loss_type: kto takes one loss, not a list")
+    if pref.loss_type == []:
+        problems.append("preference.loss_type: an empty list; name at least one loss (e.g. [sigmoid, sft])")
+    if pref.loss_weights is not None and len(pref.loss_weights) != max(1, len(losses)):
+        problems.append(f"preference.loss_weights: {len(pref.loss_weights)} weights for {max(1, len(losses))} "
+                        "loss_type entries; give one weight per loss")
+    return problems
+
+
 def _method_problems(recipe: Recipe) -> list[str]:
     """Keys and data formats that do not belong to train.method, each naming its field."""
     method, pref, problems = recipe.train.method, recipe.preference, []
@@ -695,9 +719,8 @@ def _method_problems(recipe: Recipe) -> list[str]:
         for key in sorted(pref.model_fields_set - PREFERENCE_KEYS[method]):
             problems.append(f"preference.{key}: not used by train.method {method} (it reads: "
                             f"{', '.join(sorted(PREFERENCE_KEYS[method]))}); remove it")
-        if pref.loss_type is not None and "loss_type" in PREFERENCE_KEYS[method] and \
-                (pref.loss_type in KTO_LOSSES) != (method == "kto"):
-            problems.append(f"preference.loss_type: {pref.loss_type!r} is not a {method} loss")
+        if "loss_type" in PREFERENCE_KEYS[method]:
+            problems += _loss_problems(method, pref)
     wanted = ("kto",) if method == "kto" else ("preference", "preference_messages") if preference else None
     for part, sources in (("train", recipe.data.train), ("eval", recipe.data.eval or [])):
         for i, src in enumerate(sources):

@@ -96,6 +96,17 @@ def test_method_keys_are_checked_and_named(tmp_path, tiny_model_dir):
     assert "model.adapter: no adapter here" in recipe_problems(p, f"model.adapter={tmp_path}")
     ok = load_recipe(p, ["preference.beta=0.2", "preference.loss_type=ipo", "preference.reference=base"])
     assert ok.preference.beta == 0.2
+    # dpo sums a list of losses, with one weight per loss; kto takes one loss of its own.
+    assert load_recipe(p, ["preference.loss_type=[sigmoid, sft]", "preference.loss_weights=[1, 0.5]"]
+                       ).preference.loss_type == ["sigmoid", "sft"]
+    assert "preference.loss_weights: 1 weights for 2 loss_type entries" in recipe_problems(
+        p, "preference.loss_type=[sigmoid, sft]", "preference.loss_weights=[1]")
+    assert "preference.loss_type: 'kto' is not a dpo loss" in recipe_problems(p, "preference.loss_type=[sigmoid, kto]")
+    assert "preference.loss_type: an empty list" in recipe_problems(p, "preference.loss_type=[]")
+    assert "preference.loss_type: kto takes one loss, not a list" in recipe_problems(
+        p, "train.method=kto", "data.train[0].format=kto", "preference.loss_type=[kto]")
+    assert "preference.loss_weights: not used by train.method kto" in recipe_problems(
+        p, "train.method=kto", "data.train[0].format=kto", "preference.loss_weights=[1]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +281,19 @@ def test_dpo_starts_from_an_sft_adapter_and_its_reference_is_that_adapter_frozen
     assert first["start"]["loss"] == pytest.approx(0.693147, abs=1e-5)
     # ... base: the reference is the base with the adapter off, which the SFT adapter has moved away from.
     assert abs(first["base"]["rewards/margins"]) > 1e-3 and first["base"]["loss"] != pytest.approx(0.693147, abs=1e-3)
+
+
+def test_dpo_with_an_sft_term_adds_the_weighted_chosen_nll(tmp_path, tiny_model_dir):
+    """loss_type [sigmoid, sft] goes to TRL as summed losses: at step 1 policy == reference, so the DPO part is
+    exactly log 2 and the rest is weight x the chosen replies' NLL; doubling the weight doubles the excess."""
+    path = pref_recipe(tmp_path, tiny_model_dir)
+    first = {}
+    for w in (0.5, 1.0):
+        run = train_run(path, "train.max_steps=1", "preference.loss_type=[sigmoid, sft]",
+                        f"preference.loss_weights=[1.0, {w}]", f"output_dir={tmp_path / f'w{w}'}")
+        first[w] = [r for r in log_rows(run) if "loss" in r][0]["loss"] - 0.693147
+    assert first[0.5] > 0.5  # the chosen replies' NLL under a random tiny model: several nats
+    assert first[1.0] == pytest.approx(2 * first[0.5], rel=1e-4)
 
 
 @pytest.mark.parametrize("method,fmt,extra", [
