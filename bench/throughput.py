@@ -98,9 +98,11 @@ class TokenCounter:
 
 def write_recipe(work: Path, model: str, data: Path, args, name: str) -> Path:
     recipe = {
-        "model": {"base": model},
+        # ours_packed_rowmask: packed, but attention over the whole row with transformers' block mask (plain sdpa)
+        "model": {"base": model, **({"attn_implementation": "sdpa"} if name == "ours_packed_rowmask" else {})},
         "data": {"train": [{"path": str(data), "format": "alpaca"}], "template": "chatml",
-                 "max_length": args.max_length, "packing": name in ("ours_packed", "ours_nockpt"),
+                 "max_length": args.max_length,
+                 "packing": name in ("ours_packed", "ours_nockpt", "ours_packed_rowmask"),
                  "group_by_length": name == "ours_grouped"},
         "train": {"epochs": 1, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
                   "report_to": ["none"], "save_steps": 100000, "seed": 0,

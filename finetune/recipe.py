@@ -58,8 +58,10 @@ class ModelSection(_Section):
     """Start from an existing LoRA adapter instead of a fresh one: an adapter directory (e.g. an SFT run's
     adapter/) or a run directory holding one. SFT then DPO is two recipes; the manifest records its sha256."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel. auto is sdpa (PyTorch's scaled-dot-product attention), always; flash_attention_2 is used
-    only when named here, and falls back to sdpa with a warning without CUDA and the flash-attn package."""
+    """Attention kernel. auto is sdpa (PyTorch's scaled-dot-product attention), and with data.packing it runs once
+    per example inside a packed row (finetune/attention.py) instead of over the whole row with a block mask; sdpa
+    is transformers' sdpa as it is; flash_attention_2 is used only when named here, and falls back to sdpa with a
+    warning without CUDA and the flash-attn package."""
 
     @field_validator("base")
     @classmethod

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import attention
 from finetune import checkpoints as ck
 from finetune import data as data_mod
 from finetune import distributed, rundir
@@ -337,6 +338,9 @@ def build_model(r: Session, prepared=None):
         if r.main:
             rundir.add_event(r.run, "tokenizer_fix", detail=fix)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
+    if r.shape is not None and r.shape.packed and r.recipe.model.attn_implementation == "auto" \
+            and r.precision.attn_implementation == "sdpa":
+        model.set_attn_implementation(attention.register())  # each example's own attention, not the whole row's
     # LoRA init draws from the global RNG before the Trainer seeds it: seed here, or two runs of one recipe
     # (and a run and its resume's original) start from different adapters.
     from transformers import set_seed

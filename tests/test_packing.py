@@ -26,7 +26,8 @@ ROWS = [{"instruction": "what is " + " ".join(["red"] * (1 + i % 7)), "input": "
         for i in range(12)]
 
 
-def test_packed_logits_equal_per_example_logits(recipe_factory):
+@pytest.mark.parametrize("attention", ["sdpa", "per_example"])
+def test_packed_logits_equal_per_example_logits(recipe_factory, attention):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from finetune.data.packing import pack, step_shape
@@ -38,7 +39,12 @@ def test_packed_logits_equal_per_example_logits(recipe_factory):
     template = load_template(recipe.data.template, tok)
     data = prepare(recipe, tok, template, use_cache=False).train
     hw = detect_hardware("cpu")
-    model = attach_lora(load_base(recipe, source, choose_precision(recipe, hw), hw), recipe, False)
+    base = load_base(recipe, source, choose_precision(recipe, hw), hw)
+    if attention == "per_example":  # what training with packing uses (finetune/attention.py)
+        from finetune import attention as per_example
+
+        base.set_attn_implementation(per_example.register())
+    model = attach_lora(base, recipe, False)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -101,3 +107,64 @@ def test_packed_batches_are_one_block_per_forward_without_flash_attention(recipe
     grouped = load_recipe(recipe_factory(), ["data.packing=false", "data.group_by_length=true"])
     args = sft_config(grouped, choose_precision(grouped, cpu), cpu, tmp_path, False, shape)
     assert args.train_sampling_strategy == "group_by_length"
+
+
+def test_per_example_attention_equals_the_block_diagonal_mask_with_gradients():
+    """finetune.attention splits a packed row at its position_ids restarts and runs causal sdpa per example: the
+    output and the gradients of q, k, v equal one sdpa call over the row with an explicit block-diagonal causal
+    mask (built here directly from the example lengths), GQA included. Without restarts, or with a KV cache, it
+    is transformers' sdpa unchanged."""
+    from types import SimpleNamespace
+
+    from finetune import attention
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3, 14]
+    total, heads, kv_heads, dim = sum(lengths), 4, 2, 8
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    q = torch.randn(1, heads, total, dim, requires_grad=True)
+    k = torch.randn(1, kv_heads, total, dim, requires_grad=True)
+    v = torch.randn(1, kv_heads, total, dim, requires_grad=True)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=True)
+    out, _ = attention.packed_sdpa(module, q, k, v, None, position_ids=position_ids)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
+
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    start = 0
+    for n in lengths:
+        mask[start:start + n, start:start + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        start += n
+    rep = heads // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                           attn_mask=mask).transpose(1, 2)
+    ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum(), (q, k, v))
+    assert out.shape == (1, total, heads, dim)
+    assert (out - ref).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(grads, ref_grads))
+    assert attention.segments(position_ids, total, total) == [[(0, 5), (5, 6), (6, 15), (15, 18), (18, 32)]]
+    plain = torch.arange(total)[None]
+    assert attention.segments(plain, total, total) is None  # one example: plain sdpa with the model's mask
+    assert attention.segments(position_ids[:, -1:], 1, total) is None  # decoding with a KV cache
+
+
+def test_training_with_packing_uses_per_example_attention(recipe_factory, tmp_path, monkeypatch):
+    """A packed sdpa run trains with finetune.attention (each forward splits its row into examples); unpacked it
+    does not."""
+    from finetune import attention
+    from finetune.train import train
+
+    calls = {"split": 0}
+    inner = attention.segments
+
+    def counting(*a):
+        spans = inner(*a)
+        calls["split"] += spans is not None
+        return spans
+
+    monkeypatch.setattr(attention, "segments", counting)
+    path = recipe_factory(rows=ROWS)
+    for packing, expect in (("true", True), ("false", False)):
+        calls["split"] = 0
+        train(load_recipe(path, [f"data.packing={packing}", "train.max_steps=1", f"output_dir={tmp_path / packing}"]),
+              path)
+        assert (calls["split"] > 0) == expect, (packing, calls)
