@@ -94,6 +94,16 @@ RECORDS: tuple[Internal, ...] = (
     I("transformers", "transformers.TrainerState.stateful_callbacks",
       "filled by our _save_checkpoint as the Trainer's does", ("finetune/guard.py",)),
     # --- transformers: models, quantizers, tokenizers, chat templates
+    I("transformers", "transformers.integrations.sdpa_attention.sdpa_attention_forward",
+      "called once per example of a packed row by attention.packed_sdpa (and for everything it does not split)",
+      ("finetune/attention.py",), params=("module", "query", "key", "value", "attention_mask", "dropout", "scaling",
+                                          "is_causal")),
+    I("transformers", "transformers.masking_utils.sdpa_mask",
+      "registered as the mask builder of attention.NAME, so an unsplit batch gets sdpa's own mask",
+      ("finetune/attention.py",)),
+    I("transformers", "transformers.masking_utils.AttentionMaskInterface.register",
+      "registers attention.NAME's mask builder (AttentionInterface.register is the documented half)",
+      ("finetune/attention.py",)),
     I("transformers", "transformers.PreTrainedModel.hf_quantizer",
       "from_pretrained leaves the quantizer here: models sets it to None (with is_quantized=False) to detach the "
       "GGUF quantizer so save_pretrained works; models._forget_quantization reads it to detach bnb's",
