@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import make_recipe
+from per_rank import assert_per_rank, plan_with_config
 
 ROWS = [{"instruction": f"what is item {i}", "input": "", "output": f"answer {i}"} for i in range(32)]
 """32 distinct rows: 4 steps x micro-batch 4 x 2 ranks is exactly one epoch, so no row may be seen twice."""
@@ -73,3 +74,15 @@ def test_result_is_a_normal_adapter(ddp_run, tiny_model_dir):
             before = model(ids).logits
         after = model(ids).logits
     assert not torch.allclose(before, after)
+
+
+def test_plan_per_rank_matches_ddp_ranks(ddp_run):
+    """`finetune plan --accelerate-config recipes/accelerate/ddp.yaml`: each rank holds the whole model, and the
+    plan's per-rank parameter and 4-bit bytes equal what both ranks held, exactly. (The manifest does not record
+    the quantisation constants; in DDP they are the single process's, checked by tests/test_plan.py.)"""
+    run, _ = ddp_run
+    d = json.loads((run / "manifest.json").read_text())["distributed"]
+    plan = plan_with_config(run.parent / "recipe.yaml", "ddp.yaml")
+    assert (plan["setup"]["num_processes"], plan["setup"]["sharding"]) == (2, "ddp")
+    for total, four_bit in zip(d["parameter_bytes_per_rank"], d["four_bit_bytes_per_rank"], strict=True):
+        assert_per_rank(plan, total, four_bit, None)

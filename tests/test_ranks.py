@@ -73,3 +73,19 @@ def test_held_parameter_bytes_counts_4bit_weights_and_local_shards():
             self.p.to_local = lambda: torch.zeros(5, 4)
 
     assert distributed.held_parameter_bytes(Shard()) == {"total": 5 * 4 * 4, "four_bit": 0}
+
+
+def test_plan_per_rank_zero3_is_the_loaded_model_over_two_ranks(recipe_factory, tiny_model_dir):
+    """`finetune plan --accelerate-config recipes/accelerate/zero3_qlora.yaml` without deepspeed: the model
+    tests/zero3_cpu.py partitions, loaded whole in this process; each of the 2 ranks holds half of every parameter
+    (total/num_processes, exact: every parameter of the tiny model has an even count) and the whole quantisation
+    constants. Measured on 2 CPU ranks where deepspeed is installed: tests/test_ranks_slow.py."""
+    from fsdp2_cpu import qlora, quant_state_bytes
+    from per_rank import assert_per_rank, plan_with_config
+
+    model = qlora(str(tiny_model_dir))
+    whole = distributed.held_parameter_bytes(model)
+    plan = plan_with_config(recipe_factory(quantization={"compute_dtype": "float32", "quant_storage": "float32"}),
+                            "zero3_qlora.yaml")
+    assert (plan["setup"]["num_processes"], plan["setup"]["sharding"]) == (2, "zero3")
+    assert_per_rank(plan, whole["total"] // 2, whole["four_bit"] // 2, quant_state_bytes(model))

@@ -6,7 +6,8 @@ When it does not fit, advice.py searches for the cheapest change that does. from
 the machine it will run on into a setup, the way train() resolves it (precision from hardware.choose_precision,
 `gradient_checkpointing: auto` from the plan); render.py prints the table.
 
-Checked byte for byte against models loaded on the CPU by tests/test_plan.py; on a GPU, bench/gpu.py compares
+Checked byte for byte against models loaded on the CPU by tests/test_plan.py, and the per-rank weights under each
+shipped accelerate config against what 2-rank CPU runs hold (tests/per_rank.py); on a GPU, bench/gpu.py compares
 the estimate with torch.cuda.max_memory_allocated; the figures are in bench/RESULTS.md.
 
 Importing this package does not import torch (`finetune --help` and `finetune validate` stay fast); planning a

@@ -55,17 +55,23 @@ SHARDINGS = ("none", "ddp", "fsdp", "fsdp_offload", "zero3", "zero3_offload")
 
 
 def nf4_weight_bytes(n: int, double_quant: bool, blocksize: int = 64) -> int:
-    """Bytes of one 4-bit Linear weight with n elements, as bitsandbytes 0.50 stores it.
+    """Bytes of one 4-bit Linear weight with n elements, as bitsandbytes 0.50 stores it: nf4_split's two parts."""
+    return sum(nf4_split(n, double_quant, blocksize))
 
-    packed data n/2 bytes; one absmax per block of 64: float32, or with double quant uint8 plus a float32
-    absmax per 256 of those, a float32 offset and the 256-entry float32 code of the second level. Every layer
-    also keeps its own 16-entry float32 NF4 code.
+
+def nf4_split(n: int, double_quant: bool, blocksize: int = 64) -> tuple[int, int]:
+    """(packed data, quantisation constants) of one 4-bit Linear weight with n elements, in bytes.
+
+    packed data n/2 bytes (the Params4bit parameter); one absmax per block of 64: float32, or with double quant
+    uint8 plus a float32 absmax per 256 of those, a float32 offset and the 256-entry float32 code of the second
+    level. Every layer also keeps its own 16-entry float32 NF4 code. The constants are not parameters: FSDP and
+    ZeRO-3 leave them whole on every rank (the Linear4bit module keeps its quant_state).
     """
     blocks = -(-n // blocksize)
     packed = (n + 1) // 2
     if not double_quant:
-        return packed + 4 * blocks + 16 * 4
-    return packed + blocks + 4 * (-(-blocks // 256)) + 4 + 256 * 4 + 16 * 4
+        return packed, 4 * blocks + 16 * 4
+    return packed, blocks + 4 * (-(-blocks // 256)) + 4 + 256 * 4 + 16 * 4
 
 
 def lora_targets(shape: Shape, target_modules) -> list[tuple[str, int, int]]:
@@ -139,21 +145,26 @@ def _kv(s: Shape) -> int:
 
 
 def weight_parts(shape: Shape, setup: Setup) -> dict[str, int]:
-    """Bytes of the frozen base: 4-bit linears (or 16-bit ones), kept weights and buffers."""
+    """Bytes of the frozen base: 4-bit linears (or 16-bit ones), kept weights and buffers. base is four_bit (the
+    packed 4-bit parameters) + quant_state (their quantisation constants), or the 16-bit linears."""
     sharded = setup.sharding.startswith(("fsdp", "zero3"))
     compute_bytes = 4 if setup.compute == "fp32" else 2
     # Non-sharded QLoRA runs peft's prepare_model_for_kbit_training, which upcasts every non-4-bit weight to
     # fp32. Sharded runs skip it so every weight in an FSDP unit shares the quant_storage dtype.
     kept_bytes = 4 if (setup.load_in_4bit and not sharded) else compute_bytes
     if setup.load_in_4bit:
-        base = shape.layers * sum(nf4_weight_bytes(a * b, setup.double_quant) for _, a, b in shape.linears())
+        split = [nf4_split(a * b, setup.double_quant) for _, a, b in shape.linears()]
+        four_bit, constants = (shape.layers * sum(x) for x in zip(*split))
+        base = four_bit + constants
     else:
+        four_bit = constants = 0
         base = shape.layers * sum(a * b for _, a, b in shape.linears()) * compute_bytes
     kept = (shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden) * kept_bytes
     buffers = 2 * (shape.hd // 2) * 4  # rotary inv_freq and original_inv_freq, float32
     # peft's trainable token layers keep a copy of the rows they train (trainable_tokens_original)
     buffers += trained_token_tables(shape, setup) * setup.new_tokens * shape.hidden * kept_bytes
-    return {"base": base, "kept": kept, "buffers": buffers, "kept_dtype_bytes": kept_bytes}
+    return {"base": base, "four_bit": four_bit, "quant_state": constants, "kept": kept, "buffers": buffers,
+            "kept_dtype_bytes": kept_bytes}
 
 
 def lora_tensor_sizes(shape: Shape, setup: Setup) -> list[int]:

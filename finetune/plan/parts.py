@@ -62,9 +62,32 @@ def total_bytes(shape: Shape, setup: Setup) -> int:
     return sum(p.bytes for p in plan_parts(shape, setup)[0])
 
 
+def rank_weights(shape: Shape, setup: Setup) -> dict[str, int]:
+    """Bytes of the frozen base, the kept weights and LoRA parameters that one process holds, wherever they live
+    (on the device, or with offload in CPU RAM). FSDP and ZeRO-3 split every parameter across the processes
+    (this is total/num_processes: FSDP2 chunks each tensor's dim 0 and ZeRO-3 pads each to a multiple of the
+    ranks, so a rank can differ by up to a row, or an element, per tensor). The 4-bit quantisation constants are
+    not parameters: each Linear4bit keeps its quant_state whole, on every rank. Checked against 2-rank CPU runs in
+    tests/test_distributed.py and tests/test_ranks_slow.py."""
+    w = weight_parts(shape, setup)
+    div = _shards(setup)
+    lora = sum(lora_tensor_sizes(shape, setup)) * adapter_dtype_bytes(setup)
+    return {"base": (w["base"] - w["quant_state"]) // div + w["quant_state"], "four_bit": w["four_bit"] // div,
+            "quant_state": w["quant_state"], "kept": w["kept"] // div, "lora": lora // div}
+
+
+def held_per_rank(shape: Shape, setup: Setup) -> dict:
+    """The parameter bytes one process holds, named as manifest.json's `distributed` section records what a run
+    held (parameter_bytes_per_rank, four_bit_bytes_per_rank: finetune.distributed.held_parameter_bytes), plus
+    the quantisation constants, which are no parameters. offloaded: they live in CPU RAM, not on the device."""
+    r = rank_weights(replace(shape, vocab=shape.vocab + setup.new_tokens), setup)
+    return {"parameter_bytes": r["base"] - r["quant_state"] + r["kept"] + r["lora"], "four_bit_bytes": r["four_bit"],
+            "quant_state_bytes": r["quant_state"], "offloaded": _offloaded(setup)}
+
+
 def _weight_parts(shape: Shape, setup: Setup) -> list[Part]:
     """The frozen base: quantised linears, the weights kept in higher precision, rotary buffers."""
-    w = weight_parts(shape, setup)
+    w, r = weight_parts(shape, setup), rank_weights(shape, setup)
     if setup.load_in_4bit:
         label = f"4-bit base (NF4, {'double quant' if setup.double_quant else 'no double quant'})"
     else:
@@ -72,26 +95,27 @@ def _weight_parts(shape: Shape, setup: Setup) -> list[Part]:
     kept_label = "embeddings, lm_head, norms"
     buffers = Part("buffers", "rotary buffers", w["buffers"])
     if _offloaded(setup):
-        return [Part("base", label, 0, f"{fmt(w['base'])} offloaded to CPU RAM"),
-                Part("kept", kept_label, 0, f"{fmt(w['kept'])} offloaded to CPU RAM"), buffers]
-    div = _shards(setup)
+        return [Part("base", label, 0, f"{fmt(r['base'])} offloaded to CPU RAM"),
+                Part("kept", kept_label, 0, f"{fmt(r['kept'])} offloaded to CPU RAM"), buffers]
     kept_note = "fp32 (upcast by prepare_model_for_kbit_training)" if w["kept_dtype_bytes"] == 4 else "16-bit"
-    return [Part("base", label, w["base"] // div, f"sharded over {div}" if _sharded(setup) else ""),
-            Part("kept", kept_label, w["kept"] // div, kept_note), buffers]
+    base_note = ""
+    if _sharded(setup):
+        base_note = f"sharded over {_shards(setup)}" + (
+            f"; quantisation constants ({fmt(r['quant_state'])}) whole on every rank" if r["quant_state"] else "")
+    return [Part("base", label, r["base"], base_note), Part("kept", kept_label, r["kept"], kept_note), buffers]
 
 
 def _adapter_parts(shape: Shape, setup: Setup) -> list[Part]:
     """LoRA parameters, their gradients and the optimizer state."""
     sizes = lora_tensor_sizes(shape, setup)
     a_bytes = adapter_dtype_bytes(setup)
-    lora = sum(sizes) * a_bytes
+    div, lora_rank = _shards(setup), rank_weights(shape, setup)["lora"]
     opt = optimizer_state_bytes(sizes, setup.optimizer, 4 if a_bytes == 4 else 2, setup.device)
     opt_label = f"optimizer state ({setup.optimizer})"
     if _offloaded(setup):
-        return [Part("lora", "LoRA parameters", 0, f"{fmt(lora)} offloaded"),
+        return [Part("lora", "LoRA parameters", 0, f"{fmt(lora_rank)} offloaded to CPU RAM"),
                 Part("grads", "LoRA gradients", 0, "offloaded"),
-                Part("optimizer", opt_label, 0, f"{fmt(opt)} offloaded")]
-    div = _shards(setup)
+                Part("optimizer", opt_label, 0, f"{fmt(opt // div)} offloaded")]
     n_adapters = shape.layers * len(lora_targets(shape, setup.target_modules))
     note = f"r={setup.lora_r}, {n_adapters} adapters, {'fp32' if a_bytes == 4 else '16-bit'}"
     if setup.use_dora:
@@ -100,7 +124,7 @@ def _adapter_parts(shape: Shape, setup: Setup) -> list[Part]:
         note += f", {setup.new_tokens} new token rows x {setup.token_tables} embedding matrices"
     paged = paged_bytes(sizes, setup.optimizer) // div
     opt_note = f"{fmt(paged)} of it paged (CUDA unified memory)" if paged else ""
-    return [Part("lora", "LoRA parameters", lora // div, note), Part("grads", "LoRA gradients", lora // div),
+    return [Part("lora", "LoRA parameters", lora_rank, note), Part("grads", "LoRA gradients", lora_rank),
             Part("optimizer", opt_label, opt // div, opt_note)]
 
 
