@@ -76,6 +76,15 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _held_out_loss(held: list[dict]) -> str:
+    """"; held-out loss first → last" over the evaluations made, or the one value (and its step) if one."""
+    if not held:
+        return ""
+    if len(held) == 1:
+        return f"; held-out loss {_fmt(held[0]['eval_loss'])} (step {held[0].get('step')})"
+    return f"; held-out loss {_fmt(held[0]['eval_loss'])} → {_fmt(held[-1]['eval_loss'])}"
+
+
 def write_report(run: Path) -> Path:
     run = Path(run)
     manifest = _load(run / "manifest.json")
@@ -101,8 +110,9 @@ def write_report(run: Path) -> Path:
                   f"skipped bad rows: {data.get('skipped_rows', {}).get('count', 0)}",
                   f"- duplicates: {data.get('duplicates', {})}",
                   f"- length percentiles: {data.get('length_percentiles')}",
-                  f"- packed blocks (if packed) filled {_fmt((data.get('steps') or {}).get('fill') or 0)} of max_length "
-                  f"on average; TRL's packing=True would fill {_fmt(data.get('trl_packing_efficiency', 0))}",
+                  *([f"- packed blocks filled {_fmt(data['steps'].get('fill') or 0)} of max_length on average; TRL's "
+                     f"packing=True would fill {_fmt(data.get('trl_packing_efficiency', 0))}"]
+                    if (data.get("steps") or {}).get("packed") else []),
                   *([f"- steps: {steps_line(data['steps'])}"] if "steps" in data else []), ""]
     train_rows = [r for r in logs if "loss" in r]
     if train_rows:
@@ -111,7 +121,7 @@ def write_report(run: Path) -> Path:
         held = [r for r in logs if "eval_loss" in r]
         lines += ["## Training", "",
                   f"- steps: {last.get('step')}; loss {_fmt(first['loss'])} → {_fmt(last['loss'])}"
-                  + (f"; held-out loss {_fmt(held[0]['eval_loss'])} → {_fmt(held[-1]['eval_loss'])}" if held else ""),
+                  + _held_out_loss(held),
                   *_preference_lines(train_rows, held),
                   f"- runtime: {_fmt(summary.get('train_runtime', 0))} s", "", "![loss](loss.png)", ""]
     events = manifest.get("events", [])
