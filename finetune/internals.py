@@ -129,6 +129,11 @@ RECORDS: tuple[Internal, ...] = (
       "the wrapped head whose bias models._expose_head_bias copies", ("finetune/models.py",)),
     I("bitsandbytes", "bitsandbytes.autograd._functions.MatmulLtState.SCB",
       "an 8-bit layer's row scales after its first forward (models.dequantize_8bit_layers)", ("finetune/models.py",)),
+    I("bitsandbytes", "bitsandbytes.autograd._functions.MatMul8bitFp",
+      "what a Linear8bitLt in training mode on a CPU computes through (bnb.matmul picks it from the layer's training "
+      "flag): the int8 weights dequantised, fp32 activations. merge's reference for a CPU-trained 8-bit run runs the "
+      "layers so (models.eight_bit_training_path); tests/test_eight_bit.py checks the arithmetic",
+      ("finetune/models.py", "finetune/merge.py")),
     # --- peft: LoRA layer classes merge_lora checks before peft's merge_and_unload (which does the merging: DoRA,
     # token rows, modules_to_save; no LoRA layer attribute is read by our code any more)
     I("peft", "peft.tuners.lora.LoraLayer",

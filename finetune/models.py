@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -397,11 +398,46 @@ def attach_lora(model, recipe, gradient_checkpointing: bool, new_token_ids: list
         path = model.config._name_or_path
         replace_lora_weights_loftq(peft_model, model_path=path if Path(path).is_dir() else None)
     elif recipe.lora.init == "eva":
-        from peft import initialize_lora_eva_weights
-
-        initialize_lora_eva_weights(peft_model, dataloader=eva_batches, show_progress_bar=False)
+        eva_init(peft_model, eva_batches)
     _expose_head_bias(peft_model)
     return peft_model
+
+
+class EvaError(UserError):
+    """peft's EVA initialisation cannot run on this data, or did not converge."""
+
+
+EVA_MAX_PASSES = 50
+"""peft's EVA cycles over its batches until every layer's components stop moving, with no limit of its own. The
+worst case measured: batches of exactly eva_min_tokens supervised tokens on the tiny random test model, 14 passes."""
+
+
+def eva_min_tokens(lora) -> int:
+    """Supervised tokens an EVA batch needs: peft computes round(rank x rho) components per layer and skips the SVD
+    step of a batch with fewer inputs than that; with only such batches it cycles forever."""
+    return max(round(rank * lora.eva_rho) for rank in (lora.r, *lora.rank_pattern.values()))
+
+
+def eva_init(peft_model, batches: list[dict]) -> None:
+    """peft's initialize_lora_eva_weights on `batches` (see train._eva_batches), bounded to EVA_MAX_PASSES passes."""
+    from peft import initialize_lora_eva_weights
+
+    limit = 1 + EVA_MAX_PASSES * len(batches)  # peft's first forward only hashes the layer inputs
+    forwards = 0
+
+    def forward(model, inputs):
+        nonlocal forwards
+        forwards += 1
+        if forwards > limit:
+            raise EvaError(f"lora.init: eva: peft's EVA did not converge in {EVA_MAX_PASSES} passes over "
+                           f"{len(batches)} batches (the components of some layer still move between steps); give it "
+                           "more supervised tokens per batch (longer replies, a larger train.micro_batch_size), a "
+                           "lower lora.eva_rho, or use lora.init: default")
+        # EVA only reads the layer inputs: no loss, and the logits of one position instead of the whole vocabulary's.
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1)
+
+    initialize_lora_eva_weights(peft_model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
+    log.info("lora.init: eva converged in %d forward passes over %d batches", forwards - 1, len(batches))
 
 
 def _expose_head_bias(peft_model) -> None:
@@ -554,6 +590,30 @@ def eight_bit_modules(model) -> list[str]:
     """Names of modules whose weight is still int8 (bitsandbytes Int8Params, LLM.int8)."""
     return [name for name, mod in model.named_modules()
             if type(getattr(mod, "weight", None)).__name__ == "Int8Params"]
+
+
+@contextlib.contextmanager
+def eight_bit_training_path(model):
+    """Run the 8-bit base layers through bitsandbytes' training-mode matmul, as training ran them on a CPU.
+
+    bitsandbytes (0.50) picks a Linear8bitLt's matmul from the layer's `training` flag and the device. Training on a
+    CPU (or XPU) goes through MatMul8bitFp: the int8 weights dequantised (int8 x row scale / 127) and multiplied in
+    the activations' dtype. Eval mode, and CUDA always, is LLM.int8 (MatMul8bitLt): activations rounded to int8 per
+    row through fp16, the columns holding an entry above 6.0 kept in 16-bit. So an adapter trained on a CPU learned
+    against dequant(W) @ x, and the same adapter in eval mode computes another model (measured on the tiny test
+    model: mean KL 8e-4). Only the 8-bit layers switch; LoRA dropout and everything else stay in eval mode.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    was = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield len(layers)
+    finally:
+        for m, t in zip(layers, was):
+            m.training = t
 
 
 def dequantize_8bit_layers(model, dtype: torch.dtype) -> int:

@@ -138,7 +138,9 @@ class LoraSection(_Section):
     loftq_iter: int = Field(1, gt=0)
     """init: loftq: alternating iterations (peft's LoftQConfig.loftq_iter)."""
     eva_batches: int = Field(8, gt=0)
-    """init: eva: batches of training data whose layer inputs are decomposed."""
+    """init: eva: batches of training data whose layer inputs are decomposed (at supervised positions). Each holds
+    at least train.micro_batch_size examples and at least round(r x eva_rho) supervised tokens (peft skips a smaller
+    batch); peft cycles over them until the components stop moving, at most 50 passes."""
     eva_rho: float = Field(2.0, ge=1)
     """init: eva: rank redistribution (peft's EvaConfig.rho); 1 keeps r in every layer, larger lets a layer
     take up to rho * r."""

@@ -21,9 +21,9 @@ from finetune import distributed, rundir
 from finetune import resume as resume_mod
 from finetune.data.packing import StepShape, pack
 from finetune.hardware import choose_precision, detect_hardware
-from finetune.models import (LoraHardwareError, add_new_tokens, align_special_ids, attach_lora,
-                             check_bnb_runs_on_this_cpu, load_base, load_tokenizer, lora_hardware_problem,
-                             quantized_base, resize_for_tokenizer, resolve_base)
+from finetune.models import (EvaError, LoraHardwareError, add_new_tokens, align_special_ids, attach_lora,
+                             check_bnb_runs_on_this_cpu, eva_min_tokens, load_base, load_tokenizer,
+                             lora_hardware_problem, quantized_base, resize_for_tokenizer, resolve_base)
 from finetune.recipe import Recipe, recipe_to_yaml
 from finetune.report import write_report
 from finetune.start_adapter import load_start_adapter, start_adapter_record
@@ -364,18 +364,32 @@ INITIAL_ADAPTER = "initial_adapter"
 
 
 def _eva_batches(r: Session, prepared) -> list[dict]:
-    """lora.eva_batches padded micro-batches of the training examples (labels keep EVA to supervised tokens)."""
+    """lora.eva_batches padded batches of the training examples for peft's EVA. It decomposes the layer inputs at
+    supervised positions only (labels != -100), so each batch takes at least micro_batch_size examples and as many
+    more as it needs to hold eva_min_tokens supervised tokens (peft skips a smaller batch, and with no other loops
+    forever: short replies, 4 to a micro-batch, did that on the tiny test model)."""
     import torch
 
-    size = r.recipe.train.micro_batch_size
-    rows = prepared.train.select(range(min(len(prepared.train), r.recipe.lora.eva_batches * size)))
+    size, need = r.recipe.train.micro_batch_size, eva_min_tokens(r.recipe.lora)
+    chunks, chunk, supervised = [], [], 0
+    for row in prepared.train:
+        chunk.append(row)
+        supervised += sum(1 for y in row["labels"] if y != -100)
+        if len(chunk) >= size and supervised >= need:
+            chunks.append(chunk)
+            chunk, supervised = [], 0
+            if len(chunks) == r.recipe.lora.eva_batches:
+                break
+    if not chunks:
+        raise EvaError(f"lora.init: eva: an EVA batch needs at least {need} supervised tokens (round(lora.r x "
+                       f"lora.eva_rho), the components peft computes per layer) and the whole training set has "
+                       f"{supervised}; lower lora.r or lora.eva_rho, or use lora.init: default")
     batches = []
-    for i in range(0, len(rows), size):
-        chunk = rows[i:i + size]
-        n = max(len(x) for x in chunk["input_ids"])
-        ids = [x + [r.tok.pad_token_id] * (n - len(x)) for x in chunk["input_ids"]]
-        labels = [y + [-100] * (n - len(y)) for y in chunk["labels"]]
-        mask = [[1] * len(x) + [0] * (n - len(x)) for x in chunk["input_ids"]]
+    for chunk in chunks:
+        n = max(len(x["input_ids"]) for x in chunk)
+        ids = [x["input_ids"] + [r.tok.pad_token_id] * (n - len(x["input_ids"])) for x in chunk]
+        labels = [x["labels"] + [-100] * (n - len(x["labels"])) for x in chunk]
+        mask = [[1] * len(x["input_ids"]) + [0] * (n - len(x["input_ids"])) for x in chunk]
         batches.append({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
                         "labels": torch.tensor(labels)})
     return batches
