@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
 from finetune.hardware import Hardware, choose_precision
 from finetune.recipe import validate_recipe
