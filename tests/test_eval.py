@@ -206,10 +206,33 @@ def test_stop_rate_is_zero_or_one(tiny_model_dir):
     assert out.values["stop_rate"] == [0.0, 0.0]
     assert [o["tokens"] for o in out.outputs] == [5, 5]
 
+    assert out.values["end_token_rate"] == [0.0, 0.0] and [o["stop_token"] for o in out.outputs] == [None, None]
+
     always = _always(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(), end_id)
     out = generation_scores(ctx, always, task, items, batch_size=2, label="always")
     assert out.values["stop_rate"] == [1.0, 1.0]
     assert [o["text"] for o in out.outputs] == ["", ""]
+    assert out.values["end_token_rate"] == [1.0, 1.0]
+    assert [o["stop_token"] for o in out.outputs] == ["<|im_end|>", "<|im_end|>"]
+
+
+def test_end_token_rate_tells_eos_from_the_templates_end_token(tiny_model_dir):
+    """chatml's end token is <|im_end|>, the tiny tokenizer's EOS </s>: both stop a reply (stop_rate), but only the
+    template's own end token counts in end_token_rate. A template that ends turns with EOS has no such row."""
+    from transformers import AutoModelForCausalLM
+
+    ctx = _ctx(tiny_model_dir)
+    items = [Item("0", [{"role": "user", "content": "what is red"}], ["x"])]
+    task = EvalTask(name="g", kind="generate", path="x.jsonl", max_new_tokens=5)
+    eos = _always(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(),
+                  ctx.tok.eos_token_id)
+    out = generation_scores(ctx, eos, task, items, batch_size=1, label="eos")
+    assert out.values["stop_rate"] == [1.0] and out.values["end_token_rate"] == [0.0]
+    assert out.outputs[0]["stop_token"] == "</s>"
+    template = load_template("zephyr", ctx.tok)  # end of turn: eos_token
+    ctx = SimpleNamespace(tok=ctx.tok, template=template, stops=stop_token_ids(ctx.tok, template))
+    out = generation_scores(ctx, eos, task, items, batch_size=1, label="eos")
+    assert out.values["stop_rate"] == [1.0] and "end_token_rate" not in out.values
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model_dir):

@@ -30,6 +30,8 @@ GOLDEN = {
     "plain": ("<s>Be brief.hellored one</s>and blue?three</s>", ["red one</s>", "three</s>"]),
     "vicuna": ("<s>Be brief. USER: hello ASSISTANT: red one</s>USER: and blue? ASSISTANT: three</s>",
                [" red one</s>", " three</s>"]),
+    "phi3": ("<|system|>\nBe brief.<|end|>\n<|user|>\nhello<|end|>\n<|assistant|>\nred one<|end|>\n<|user|>\nand blue?"
+             "<|end|>\n<|assistant|>\nthree<|end|>\n", ["red one<|end|>", "three<|end|>"]),
     "zephyr": ("<|system|>\nBe brief.</s>\n<|user|>\nhello</s>\n<|assistant|>\nred one</s>\n<|user|>\nand blue?</s>\n"
                "<|assistant|>\nthree</s>\n", ["red one</s>", "three</s>"]),
 }
@@ -39,6 +41,21 @@ REQUIRED = ["alpaca", "vicuna", "llama2_chat", "llama3_chat", "chatml", "mistral
 def test_library_is_complete():
     assert set(REQUIRED) <= set(available_templates())
     assert set(GOLDEN) == set(available_templates()), "every shipped template needs a golden test"
+
+
+def _tokenizer_for(t, tiny_tokenizer):
+    """The tiny tokenizer, plus the template's special tokens it lacks added as `data.add_template_tokens` adds them
+    (phi3's turn markers are not in it): a copy, so the session's tokenizer stays as built."""
+    import copy
+
+    from finetune.models import add_new_tokens
+
+    missing = check_tokenizer_supports(t, tiny_tokenizer)
+    if not missing:
+        return tiny_tokenizer
+    tok = copy.deepcopy(tiny_tokenizer)
+    add_new_tokens(tok, missing)
+    return tok
 
 
 def _spans(ids, mask):
@@ -54,7 +71,8 @@ def _spans(ids, mask):
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_ids_and_labels(name, tiny_tokenizer):
-    tok, t = tiny_tokenizer, load_template(name)
+    t = load_template(name)
+    tok = _tokenizer_for(t, tiny_tokenizer)
     text, replies = GOLDEN[name]
     ids, mask = render_ids_and_mask(CONV, tok, t)
     assert tok.decode(ids) == text
@@ -65,7 +83,8 @@ def test_golden_ids_and_labels(name, tiny_tokenizer):
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_end_token_supervised_no_double_bos(name, tiny_tokenizer):
-    tok, t = tiny_tokenizer, load_template(name)
+    t = load_template(name)
+    tok = _tokenizer_for(t, tiny_tokenizer)
     assert check_template_tokens(tok, t) == []
     enc = encode(Example("x", CONV), tok, t, max_length=512)
     end_id = tok.convert_tokens_to_ids(t.end_token(tok))
@@ -77,7 +96,8 @@ def test_end_token_supervised_no_double_bos(name, tiny_tokenizer):
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_prompt_parity_with_inference(name, tiny_tokenizer):
     """The ids before each reply in training equal apply_chat_template(..., add_generation_prompt=True)."""
-    tok, t = tiny_tokenizer, load_template(name)
+    t = load_template(name)
+    tok = _tokenizer_for(t, tiny_tokenizer)
     ids, mask = render_ids_and_mask(CONV, tok, t)
     hf = tok.apply_chat_template(CONV[:2], chat_template=t.source, add_generation_prompt=True, tokenize=True,
                                  return_dict=True)["input_ids"]
@@ -86,6 +106,34 @@ def test_prompt_parity_with_inference(name, tiny_tokenizer):
         prompt = prompt_ids(CONV[:turn], tok, t)
         assert ids[: len(prompt)] == prompt, f"turn {turn}"
         assert mask[len(prompt)] == 1 and not any(mask[: len(prompt)][-1:] if turn == 2 else [0])
+
+
+# Phi-3.5-mini-instruct's own chat template (its tokenizer_config.json), the reference for data_templates/phi3.jinja.
+PHI35 = ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+         "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}"
+         "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}"
+         "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+SPACED = [{"role": "user", "content": " two\nlines "}, {"role": "assistant", "content": "x "}]
+
+
+@pytest.mark.parametrize("conv", [CONV, CONV[1:], [{"role": "system", "content": ""}, *CONV[1:]], SPACED],
+                         ids=["system", "no-system", "empty-system", "whitespace"])
+def test_phi3_renders_as_phi35_own_template(conv, tiny_tokenizer):
+    """Every prompt is the text Phi-3.5's own template renders; a finished conversation differs only by the eos_token
+    that template appends after it (outside any turn, never supervised)."""
+    ours = load_template("phi3").source
+
+    def render(source, messages, gen):
+        return tiny_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                                  add_generation_prompt=gen)
+
+    for k, m in enumerate(conv):
+        if m["role"] == "user":
+            assert render(ours, conv[: k + 1], True) == render(PHI35, conv[: k + 1], True)
+    assert render(ours, conv, False) + tiny_tokenizer.eos_token == render(PHI35, conv, False)
 
 
 def test_train_on_prompt_supervises_everything(tiny_tokenizer):

@@ -20,6 +20,8 @@ class Generation:
     n_tokens: int
     stopped: bool
     """True when the model emitted one of the template's stop tokens within max_new_tokens."""
+    stop_id: int | None = None
+    """Which stop token ended the reply (the template's end of turn, or EOS when they differ), None if none did."""
 
 
 def stop_token_ids(tok, template) -> list[int]:
@@ -60,7 +62,8 @@ def _config(stops: list[int], pad_id: int, max_new_tokens: int, temperature: flo
 def _finish(new_ids: list[int], stops: list[int], tok) -> Generation:
     cut = next((k for k, t in enumerate(new_ids) if t in stops), None)
     kept = new_ids if cut is None else new_ids[:cut]
-    return Generation(tok.decode(kept, skip_special_tokens=True), len(kept), cut is not None)
+    return Generation(tok.decode(kept, skip_special_tokens=True), len(kept), cut is not None,
+                      None if cut is None else new_ids[cut])
 
 
 @torch.no_grad()

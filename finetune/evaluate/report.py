@@ -132,6 +132,8 @@ def write_markdown(out_dir: Path, results: dict) -> None:
         f"({results['bootstrap']} resamples); **bold** when it excludes zero.",
         "- ↓ lower is better (loss, perplexity); every other metric is a score where higher is better.",
         "- stop_rate: the fraction of generations that ended with a stop token before `max_new_tokens`.",
+        "- end_token_rate (when the template's end-of-turn token is not EOS): the fraction that ended with the "
+        "template's end token rather than EOS; `predictions/<task>.jsonl` names each reply's `stop_token`.",
         "- Per-example outputs: `predictions/<task>.jsonl`; all numbers: `results.json`.",
     ]
     if results.get("limit"):

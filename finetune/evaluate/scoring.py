@@ -43,8 +43,13 @@ def generation_scores(ctx, model, task, items: list[Item], batch_size: int, labe
         except ValueError as e:
             raise EvalError(f"eval task {task.name}: {e}") from None
     out.values["stop_rate"] = [float(g.stopped) for g in gens]
+    if len(ctx.stops) > 1:
+        # The template's end token is not EOS (e.g. one data.add_template_tokens added): EOS stops a reply too, so
+        # stop_rate alone cannot tell whether the model learned to end its turns with the template's token.
+        out.values["end_token_rate"] = [float(g.stop_id == ctx.stops[0]) for g in gens]
     for k, g in enumerate(gens):
-        out.outputs.append({"text": g.text, "stopped": g.stopped, "tokens": g.n_tokens,
+        stop = ctx.tok.convert_ids_to_tokens(g.stop_id) if g.stop_id is not None else None
+        out.outputs.append({"text": g.text, "stopped": g.stopped, "stop_token": stop, "tokens": g.n_tokens,
                             "scores": {m: out.values[m][k] for m in task.metrics}})
     return out
 
