@@ -8,7 +8,7 @@ runs once per example (causal, no mask), which is the same attention (tests/test
 gradients) for sum(l_i^2) work instead of T^2. The GPU's flash-attention-2 already does this from position_ids
 itself; this gives the same to sdpa on any device.
 
-Only training with our packing uses it (models.use_packed_attention); whenever the position_ids do not describe
+Only training with our packing uses it (train.build_model, with model.attn_implementation: auto); whenever the position_ids do not describe
 several examples, or a KV cache is in play, it is plain sdpa with transformers' mask. Evaluation, generation and
 merge load the model afresh with plain sdpa.
 """
@@ -46,12 +46,10 @@ def segments(position_ids, q_len: int, k_len: int) -> list[list[tuple[int, int]]
     pos = position_ids.reshape(-1, q_len)
     # One transfer of the row's boundaries per forward pass (not per layer): the cache above holds them.
     breaks = (pos[:, 1:] != pos[:, :-1] + 1).nonzero().tolist()
-    spans: list[list[tuple[int, int]]] = [[] for _ in range(pos.shape[0])]
     starts: list[list[int]] = [[0] for _ in range(pos.shape[0])]
     for row, i in breaks:
         starts[row].append(i + 1)
-    for row, s in enumerate(starts):
-        spans[row] = list(zip(s, s[1:] + [q_len]))
+    spans = [list(zip(s, s[1:] + [q_len])) for s in starts]
     result = None if all(len(s) == 1 for s in spans) else spans
     _last = (weakref.ref(position_ids), result)
     return result
