@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -242,23 +243,6 @@ def test_dpo_trains_lora_on_the_4bit_base_against_the_adapter_off_reference(dpo_
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
 
 
-def test_dpo_run_merges_with_the_sft_fidelity_figures(dpo_run, tmp_path):
-    import shutil
-
-    from finetune.merge import merge_run
-
-    run = tmp_path / "run"
-    shutil.copytree(dpo_run, run)
-    merge_run(run)
-    fid = json.loads((run / "merged" / "fidelity.json").read_text())
-    assert fid["base"] == "dequantized" and fid["probes"] == "4 held-out rows"
-    assert fid["argmax_agreement"] >= 0.999 and fid["mean_kl"] <= 1e-4  # as tests/test_merge.py for SFT
-    assert fid["adapter_vs_base_mean_kl"] > 1000 * max(fid["mean_kl"], 1e-9)
-    r = cli("export", run, "--format", "hf", "gguf", "ollama")  # export needs nothing preference-specific either
-    assert r.exit_code == 0, r.output
-    assert list((run / "export").rglob("*.gguf")) and list((run / "export").rglob("Modelfile"))
-
-
 def test_dpo_starts_from_an_sft_adapter_and_its_reference_is_that_adapter_frozen(tmp_path, tiny_model_dir):
     from finetune import rundir
 
@@ -283,6 +267,49 @@ def test_dpo_starts_from_an_sft_adapter_and_its_reference_is_that_adapter_frozen
     assert abs(first["base"]["rewards/margins"]) > 1e-3 and first["base"]["loss"] != pytest.approx(0.693147, abs=1e-3)
 
 
+@pytest.mark.parametrize("method,fmt", [("dpo", "preference"), ("kto", "kto")])
+def test_precomputed_reference_trains_like_the_live_one(tmp_path, tiny_model_dir, monkeypatch, method, fmt):
+    """reference: precomputed scores the reference (here the base with the fresh adapter off) once before training
+    instead of in every step; the steps must not notice: the same losses and margins as the live reference."""
+    import importlib
+
+    # Count the reference forwards (TRL turns the adapter off through use_adapter for each), inside a training step
+    # or outside one (precomputation runs when the trainer is built).
+    module = importlib.import_module(f"trl.trainer.{method}_trainer")
+    trainer_cls = getattr(module, f"{method.upper()}Trainer")
+    where, reference_passes = ["outside"], []
+    real_use_adapter, real_step = module.use_adapter, trainer_cls.training_step
+
+    def counted_use_adapter(*a, **k):
+        reference_passes.append(where[0])
+        return real_use_adapter(*a, **k)
+
+    def step(self, *a, **k):
+        where[0] = "step"
+        try:
+            return real_step(self, *a, **k)
+        finally:
+            where[0] = "outside"
+
+    monkeypatch.setattr(module, "use_adapter", counted_use_adapter)
+    monkeypatch.setattr(trainer_cls, "training_step", step)
+    path = pref_recipe(tmp_path, tiny_model_dir, fmt=fmt, method=method, lora={"dropout": 0.0})
+    logs, passes = {}, {}
+    for reference in ("start", "precomputed"):
+        reference_passes.clear()
+        run = train_run(path, "train.max_steps=4", f"preference.reference={reference}",
+                        f"output_dir={tmp_path / reference}")
+        logs[reference], passes[reference] = [r for r in log_rows(run) if "loss" in r], list(reference_passes)
+    assert len(logs["precomputed"]) == 4
+    # live: one reference forward in each of the 4 steps; precomputed: all before training (24 rows / 4 per batch)
+    assert passes["start"] == ["step"] * 4
+    assert passes["precomputed"] == ["outside"] * 6
+    for live, pre in zip(logs["start"], logs["precomputed"]):
+        assert pre["loss"] == pytest.approx(live["loss"], rel=1e-4, abs=1e-6)
+        assert pre["rewards/margins"] == pytest.approx(live["rewards/margins"], rel=1e-3, abs=1e-5)
+    assert abs(logs["start"][-1]["rewards/margins"]) > 0.05  # the reference mattered: the policy moved off it
+
+
 def test_dpo_with_an_sft_term_adds_the_weighted_chosen_nll(tmp_path, tiny_model_dir):
     """loss_type [sigmoid, sft] goes to TRL as summed losses: at step 1 policy == reference, so the DPO part is
     exactly log 2 and the rest is weight x the chosen replies' NLL; doubling the weight doubles the excess."""
@@ -296,55 +323,129 @@ def test_dpo_with_an_sft_term_adds_the_weighted_chosen_nll(tmp_path, tiny_model_
     assert first[1.0] == pytest.approx(2 * first[0.5], rel=1e-4)
 
 
-@pytest.mark.parametrize("method,fmt,extra", [
-    ("orpo", "preference", ()),
-    ("simpo", "preference_messages", ("preference.simpo_gamma=0.3",)),
-    ("kto", "kto", ("preference.desirable_weight=1.0",)),
-])
-def test_orpo_simpo_kto_train_on_the_tiny_model(tmp_path, tiny_model_dir, method, fmt, extra):
-    path = pref_recipe(tmp_path, tiny_model_dir, fmt=fmt, method=method, data={"held_out": 4})
-    run = train_run(path, *extra)
+# ---------------------------------------------------------------------------------------------
+# every method end to end: train, kill -9 + --resume, merge, export, evaluate
+
+METHODS = {"dpo": ("preference", ()), "orpo": ("preference", ()),
+           "kto": ("kto", ("preference.desirable_weight=1.0",)),
+           "simpo": ("preference_messages", ("preference.simpo_gamma=0.3",))}
+N_STEPS = 8
+every_method = pytest.mark.parametrize("method_run", list(METHODS), indirect=True)
+
+
+@pytest.fixture(scope="module")
+def method_run(request, tmp_path_factory, tiny_model_dir):
+    """One uninterrupted run of a method (grad_accum 2, LoRA dropout on, a checkpoint every 2 steps, 4 held-out
+    rows), trained once per module: what a resumed run must equal, and the run that is merged, exported, evaluated."""
+    method = request.param
+    fmt, extra = METHODS[method]
+    tmp = tmp_path_factory.mktemp(method)
+    path = pref_recipe(tmp, tiny_model_dir, fmt=fmt, method=method, lora={"r": 8, "alpha": 16, "dropout": 0.1},
+                       data={"held_out": 4}, train={"max_steps": N_STEPS, "grad_accum": 2, "save_steps": 2,
+                                                    "save_total_limit": 2, "eval_steps": 4})
+    raw = yaml.safe_load(path.read_text())
+    for override in extra:  # in the recipe itself, so a killed run and its --resume see them too
+        key, value = override.split("=")
+        raw["preference"] = {**raw.get("preference", {}), key.split(".")[1]: yaml.safe_load(value)}
+    path.write_text(yaml.safe_dump(raw))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return SimpleNamespace(method=method, path=path, run=train_run(path, f"output_dir={tmp / 'A'}"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@every_method
+def test_each_method_trains_on_the_tiny_4bit_model(method_run):
+    run = method_run.run
     steps = [r for r in log_rows(run) if "loss" in r]
-    assert len(steps) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert len(steps) == N_STEPS and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     # On the same held-out pairs, each method's own margin (chosen reward - rejected reward) grows and its loss falls.
     held = [r for r in log_rows(run) if "eval_loss" in r]
-    assert held[-1]["eval_rewards/margins"] > held[0]["eval_rewards/margins"] + 0.02, held
+    assert len(held) >= 2 and held[-1]["eval_rewards/margins"] > held[0]["eval_rewards/margins"] + 0.02, held
     assert held[-1]["eval_loss"] < held[0]["eval_loss"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "adapter" / "ref").exists()
-    assert json.loads((run / "manifest.json").read_text())["method"] == method
+    assert json.loads((run / "manifest.json").read_text())["method"] == method_run.method
 
 
-# ---------------------------------------------------------------------------------------------
-# kill -9 + --resume
+@every_method
+def test_resume_from_the_last_checkpoint_equals_uninterrupted(method_run, tmp_path):
+    """What kill -9 after the last step's log line and before its checkpoint leaves: the checkpoint before, a log
+    that runs past it, no adapter. --resume must redo the lost steps exactly (the method's own trainer state: the
+    reference, KTO's mismatched-pair KL batches, the data order and the RNG)."""
+    import shutil
+
+    from finetune import checkpoints as ck
+    from test_reliability import assert_continues_like
+
+    a, b = method_run.run, tmp_path / "B"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "adapter")
+    ck.remove(ck.latest_complete(b / "checkpoints"))
+    resumed_at = ck.step_of(ck.latest_complete(b / "checkpoints"))
+    assert resumed_at == N_STEPS - 2 and max(r["step"] for r in log_rows(b) if "loss" in r) == N_STEPS
+    r = cli("train", method_run.path, f"output_dir={b}", "--resume")
+    assert r.exit_code == 0, r.output
+    assert_continues_like(a, b, resumed_at, N_STEPS)  # per-step loss and lr equal, adapter tensors bit-identical
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method,fmt", [("dpo", "preference"), ("kto", "kto"), ("orpo", "preference")])
-def test_kill9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, method, fmt):
+@pytest.mark.parametrize("method_run", ["dpo", *[pytest.param(m, marks=pytest.mark.slow) for m in METHODS
+                                                 if m != "dpo"]], indirect=True)
+def test_kill9_then_resume_equals_uninterrupted(method_run, tmp_path, monkeypatch):
     import random
     import signal
 
     from test_reliability import SLOW_STEPS, assert_continues_like, complete_steps, launch, wait_for_step
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    n = 10
-    path = pref_recipe(tmp_path, tiny_model_dir, fmt=fmt, method=method, lora={"r": 8, "alpha": 16, "dropout": 0.1},
-                       train={"max_steps": n, "grad_accum": 2, "save_steps": 2, "save_total_limit": 2})
-    a = train_run(path, f"output_dir={tmp_path / 'A'}")
-    b, log = tmp_path / "B", tmp_path / "b.log"
-    k = random.randint(3, n - 2)
-    proc = launch(["train", path, f"output_dir={b}"], log, inject=SLOW_STEPS)
+    a, b, log = method_run.run, tmp_path / "B", tmp_path / "b.log"
+    k = random.randint(3, N_STEPS - 2)
+    proc = launch(["train", method_run.path, f"output_dir={b}"], log, inject=SLOW_STEPS)
     wait_for_step(b, k, proc, log)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not (b / "adapter").exists()
     resumed_at = complete_steps(b)[-1]
-    assert 2 <= resumed_at < n
-    r = cli("train", path, f"output_dir={b}", "--resume")
+    assert 2 <= resumed_at < N_STEPS
+    r = cli("train", method_run.path, f"output_dir={b}", "--resume")
     assert r.exit_code == 0, r.output
-    assert_continues_like(a, b, resumed_at, n)  # per-step loss and lr equal, adapter tensors bit-identical
+    assert_continues_like(a, b, resumed_at, N_STEPS)  # per-step loss and lr equal, adapter tensors bit-identical
     margins = {x["step"]: x["rewards/margins"] for x in log_rows(b) if "rewards/margins" in x}
     assert margins == {x["step"]: x["rewards/margins"] for x in log_rows(a) if "rewards/margins" in x}
+
+
+@every_method
+def test_each_method_merges_exports_and_evaluates(method_run, tmp_path):
+    """Merge, export and eval need nothing preference-specific: the SFT fidelity figures, the SFT export, and the
+    preference eval task (base vs tuned on unseen pairs) beside a generation task."""
+    import shutil
+
+    from finetune.evaluate.runner import evaluate_run
+    from finetune.merge import merge_run
+    from finetune.recipe import EvalTask, load_resolved
+
+    run = tmp_path / "run"
+    shutil.copytree(method_run.run, run)
+    merge_run(run)
+    fid = json.loads((run / "merged" / "fidelity.json").read_text())
+    assert fid["base"] == "dequantized" and fid["probes"] == "4 held-out rows"
+    assert fid["argmax_agreement"] >= 0.999 and fid["mean_kl"] <= 1e-4  # as tests/test_merge.py for SFT
+    assert fid["adapter_vs_base_mean_kl"] > 1000 * max(fid["mean_kl"], 1e-9)
+    r = cli("export", run, "--format", "hf", "gguf", "ollama")
+    assert r.exit_code == 0, r.output
+    assert list((run / "export").rglob("*.gguf")) and list((run / "export").rglob("Modelfile"))
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(60)[30:])  # unseen rows, same task
+    recipe = load_resolved(run / "resolved.yaml")
+    tasks = [EvalTask(name="held_out", kind="held_out", max_new_tokens=8),
+             EvalTask(name="pairs", kind="preference", path=str(pairs))]
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"tasks": tasks})})
+    results = json.loads(evaluate_run(run, recipe, echo=lambda *_: None).read_text())["results"]
+    row = {(r["task"], r["metric"], r["model"]): r for r in results}
+    tuned, base = row[("pairs", "preference_acc", "adapter")], row[("pairs", "preference_acc", "base")]
+    assert tuned["n"] == 30 and tuned["value"] > base["value"] and tuned["delta_ci95"][0] > 0
+    assert row[("held_out", "stop_rate", "adapter")]["n"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
