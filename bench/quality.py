@@ -19,6 +19,12 @@ Wilson 95% interval, and stop rate (replies that ended with the end-of-turn toke
     python bench/quality.py                                  # SmolLM2, 400 rows, 2 epochs, 3 seeds
     python bench/quality.py --rows 160 --epochs 2 --seeds 2  # a quicker look
     python bench/quality.py --smoke                          # the tiny random model: the plumbing only
+    python bench/quality.py --judge-only DIR --seeds 2       # judge kept adapters DIR/{arm}-{seed} again
+    python bench/quality.py --first-seed 2 --seeds 1         # one more seed, then pool the result files:
+    python bench/quality.py --combine results/quality-A.json results/quality-B.json
+
+Beside each arm's interval, ours and ours_time are compared with trl row by row (the same held-out rows): the
+difference in exact match with a paired bootstrap 95% interval.
 """
 
 from __future__ import annotations
@@ -163,7 +169,7 @@ def judge(model_dir: str, adapter: str, held: list[dict], max_new_tokens: int = 
     tok.chat_template = CHATML.read_text()
     end = tok.convert_tokens_to_ids("<|im_end|>")
     stops = [t for t in {end, tok.eos_token_id} if t is not None and t >= 0]
-    correct = stopped = 0
+    hits, stopped = [], 0
     for row in held:
         ids = tok.apply_chat_template([{"role": "user", "content": user_text(row)}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
@@ -173,8 +179,8 @@ def judge(model_dir: str, adapter: str, held: list[dict], max_new_tokens: int = 
         new = out[0, ids.shape[1]:].tolist()
         stopped += bool(new) and new[-1] in stops
         text = tok.decode([t for t in new if t not in stops], skip_special_tokens=True).strip()
-        correct += text == row["output"]
-    return {"exact": correct, "stopped": stopped, "n": len(held)}
+        hits.append(int(text == row["output"]))
+    return {"exact": sum(hits), "stopped": stopped, "n": len(held), "hits": hits}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +204,11 @@ def one_seed(seed: int, args, work: Path, model: str, model_dir: str) -> list[di
     return out
 
 
+def _mean(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return round(sum(values) / len(values), 1) if values else None
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for arm in ("trl", "ours", "ours_time"):
@@ -205,9 +216,39 @@ def summarise(runs: list[dict]) -> list[dict]:
         k, n = sum(r["exact"] for r in mine), sum(r["n"] for r in mine)
         rows.append({"arm": arm, "exact match": round(k / n, 3) if n else None, "95% interval": wilson(k, n),
                      "stop rate": round(sum(r["stopped"] for r in mine) / n, 3) if n else None,
-                     "optimizer steps (mean)": round(sum(r["optimizer_steps"] for r in mine) / len(mine), 1),
-                     "train s (mean)": round(sum(r["train_seconds"] for r in mine) / len(mine), 1), "seeds": len(mine)})
+                     "optimizer steps (mean)": _mean(mine, "optimizer_steps"), "train s (mean)": _mean(mine, "train_seconds"),
+                     "seeds": len(mine)})
     return rows
+
+
+def paired(runs: list[dict], arm: str, against: str = "trl", draws: int = 10_000) -> dict:
+    """arm - against in exact match over the same held-out rows (each seed's rows are judged for every arm), with a
+    paired bootstrap 95% interval over (seed, row): the rows both got right or both got wrong cancel, so this is
+    tighter than comparing the two Wilson intervals."""
+    by = {(r["seed"], r["arm"]): r["hits"] for r in runs if "hits" in r}
+    diffs = [a - b for seed in sorted({s for s, _ in by}) if (seed, arm) in by and (seed, against) in by
+             for a, b in zip(by[(seed, arm)], by[(seed, against)])]
+    if not diffs:
+        return {}
+    rng = random.Random(0)
+    n = len(diffs)
+    means = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(draws))
+    return {"comparison": f"{arm} - {against}", "difference": round(sum(diffs) / n, 3),
+            "95% interval (paired bootstrap)": (round(means[int(0.025 * draws)], 3), round(means[int(0.975 * draws)], 3)),
+            "rows only arm got right": diffs.count(1), f"rows only {against} got right": diffs.count(-1), "rows": n}
+
+
+def judge_only(args, model_dir: str, seeds) -> list[dict]:
+    """Judge kept adapters again (DIR/{arm}-{seed}, as an earlier run left them) on the same held-out rows."""
+    runs = []
+    for seed in seeds:
+        held = make_rows(args.held_out, HELD_OUT_PHRASINGS, 10_000 + seed)
+        for arm in ("trl", "ours", "ours_time"):
+            adapter = args.judge_only / f"{arm}-{seed}"
+            if adapter.is_dir():
+                runs.append({"seed": seed, "arm": arm, "adapter": str(adapter), **judge(model_dir, str(adapter), held)})
+                print(f"[seed {seed}] {arm}: {runs[-1]['exact']}/{runs[-1]['n']} exact", flush=True)
+    return runs
 
 
 def main():
@@ -224,8 +265,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="a tiny random model (plumbing only; scores mean nothing)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None, metavar="FILE",
+                    help="pool the runs of earlier result files (per seed and arm; later files fill in missing "
+                         "fields, e.g. the per-row hits of a --judge-only file) and summarise them")
+    ap.add_argument("--judge-only", type=Path, default=None, metavar="DIR",
+                    help="judge the adapters DIR/{trl,ours,ours_time}-{seed} again instead of training")
     args = ap.parse_args()
 
+    if args.combine:
+        return report(combined(args.combine), args, "quality-combined")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -238,13 +287,35 @@ def main():
     from finetune.models import resolve_base
 
     model_dir = resolve_base(model).hf_path
-    runs = [r for seed in range(args.seeds) for r in one_seed(seed, args, work, model, model_dir)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if args.judge_only:
+        runs = judge_only(args, model_dir, seeds)
+    else:
+        runs = [r for seed in seeds for r in one_seed(seed, args, work, model, model_dir)]
+    report(runs, args, "quality-smoke" if args.smoke else "quality")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(runs: list[dict], args, name: str) -> None:
     summary = summarise(runs)
     print(_common.table(summary, list(summary[0])))
-    path = _common.save("quality-smoke" if args.smoke else "quality", {"args": vars(args), "runs": runs,
-                                                                        "summary": summary}, args.out)
+    comparisons = [c for c in (paired(runs, "ours"), paired(runs, "ours_time")) if c]
+    if comparisons:
+        print(_common.table(comparisons, list(comparisons[0])))
+    path = _common.save(name, {"args": vars(args), "runs": runs, "summary": summary, "paired": comparisons}, args.out)
     print(f"results: {path}")
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def combined(files: list[Path]) -> list[dict]:
+    runs: dict[tuple, dict] = {}
+    for f in files:
+        for r in json.loads(Path(f).read_text())["runs"]:
+            key = (r["seed"], r["arm"])
+            if key in runs and (runs[key]["exact"], runs[key]["n"]) != (r["exact"], r["n"]):
+                raise SystemExit(f"{f}: seed {r['seed']} {r['arm']} was judged {r['exact']}/{r['n']} here and "
+                                 f"{runs[key]['exact']}/{runs[key]['n']} before: not the same adapter")
+            runs[key] = {**r, **runs.get(key, {})}
+    return [runs[k] for k in sorted(runs)]
 
 
 def _tiny_model(work: Path) -> Path:
