@@ -313,7 +313,8 @@ def prepare_data(r: Session):
         start_adapter=start_adapter_record(recipe),
         device=r.hw.name,
         precision={"compute_dtype": p.dtype_name, "bf16": p.bf16, "fp16": p.fp16, "optimizer": p.optimizer,
-                   "attn_implementation": p.attn_implementation, "gradient_checkpointing": r.checkpointing,
+                   "attn_implementation": p.attn_implementation, "packed_attention": packed_attention(r),
+                   "gradient_checkpointing": r.checkpointing,
                    "gradient_checkpointing_why": r.checkpointing_why},
         warnings=list(p.warnings),
         versions=rundir.versions(),
@@ -329,6 +330,16 @@ def prepare_data(r: Session):
     return prepared
 
 
+def packed_attention(r: Session) -> str | None:
+    """How attention stays inside each example of a packed row: per_example (finetune/attention.py, with
+    model.attn_implementation auto and sdpa available) or the kernel's own (block_mask: transformers' mask for sdpa
+    and eager, varlen for flash-attention-2). None when the run does not pack."""
+    if r.shape is None or not r.shape.packed:
+        return None
+    auto = r.recipe.model.attn_implementation == "auto" and r.precision.attn_implementation == "sdpa"
+    return "per_example" if auto else "block_mask"
+
+
 def build_model(r: Session, prepared=None):
     """The 4-bit base (tokenizer-aligned, no KV cache) with LoRA attached, seeded like the run it resumes."""
     model = load_base(r.recipe, r.source, r.precision, r.hw)
@@ -338,8 +349,7 @@ def build_model(r: Session, prepared=None):
         if r.main:
             rundir.add_event(r.run, "tokenizer_fix", detail=fix)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed attention masks
-    if r.shape is not None and r.shape.packed and r.recipe.model.attn_implementation == "auto" \
-            and r.precision.attn_implementation == "sdpa":
+    if packed_attention(r) == "per_example":
         model.set_attn_implementation(attention.register())  # each example's own attention, not the whole row's
     # LoRA init draws from the global RNG before the Trainer seeds it: seed here, or two runs of one recipe
     # (and a run and its resume's original) start from different adapters.

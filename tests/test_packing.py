@@ -3,6 +3,8 @@ logits and supervised labels it gets alone. Checked on the tiny 4-bit model with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -168,3 +170,8 @@ def test_training_with_packing_uses_per_example_attention(recipe_factory, tmp_pa
         train(load_recipe(path, [f"data.packing={packing}", "train.max_steps=1", f"output_dir={tmp_path / packing}"]),
               path)
         assert (calls["split"] > 0) == expect, (packing, calls)
+        manifest = json.loads((tmp_path / packing / "manifest.json").read_text())  # what ran, for the record
+        assert manifest["precision"]["packed_attention"] == ("per_example" if expect else None)
+    train(load_recipe(path, ["model.attn_implementation=sdpa", "train.max_steps=1", f"output_dir={tmp_path / 'sdpa'}"]),
+          path)
+    assert json.loads((tmp_path / "sdpa" / "manifest.json").read_text())["precision"]["packed_attention"] == "block_mask"
