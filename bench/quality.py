@@ -21,7 +21,7 @@ Wilson 95% interval, and stop rate (replies that ended with the end-of-turn toke
     python bench/quality.py --smoke                          # the tiny random model: the plumbing only
     python bench/quality.py --judge-only DIR --seeds 2       # judge kept adapters DIR/{arm}-{seed} again
     python bench/quality.py --first-seed 2 --seeds 1         # one more seed, then pool the result files:
-    python bench/quality.py --combine results/quality-A.json results/quality-B.json
+    python bench/quality.py --combine bench/results/quality-A.json bench/results/quality-B.json
 
 Beside each arm's interval, ours and ours_time are compared with trl row by row (the same held-out rows): the
 difference in exact match with a paired bootstrap 95% interval.
