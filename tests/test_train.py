@@ -45,7 +45,7 @@ def test_run_directory_contents(trained):
     assert len(manifest["recipe_sha256"]) == 64 and all(len(h) == 64 for h in manifest["data_sha256"].values())
     assert manifest["precision"] == {"compute_dtype": "float32", "bf16": False, "fp16": False,
                                      "optimizer": "adamw_torch", "attn_implementation": "sdpa",
-                                     "gradient_checkpointing": False,
+                                     "packed_attention": "per_example", "gradient_checkpointing": False,
                                      "gradient_checkpointing_why": "off (train.gradient_checkpointing: false)"}
     assert "- gradient checkpointing off (train.gradient_checkpointing: false)" in (run / "report.md").read_text()
     # the run's template travels with the adapter
