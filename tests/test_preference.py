@@ -326,9 +326,8 @@ def test_dpo_with_an_sft_term_adds_the_weighted_chosen_nll(tmp_path, tiny_model_
 # ---------------------------------------------------------------------------------------------
 # every method end to end: train, kill -9 + --resume, merge, export, evaluate
 
-METHODS = {"dpo": ("preference", ()), "orpo": ("preference", ()),
-           "kto": ("kto", ("preference.desirable_weight=1.0",)),
-           "simpo": ("preference_messages", ("preference.simpo_gamma=0.3",))}
+METHODS = {"dpo": ("preference", {}), "orpo": ("preference", {}), "kto": ("kto", {"desirable_weight": 1.0}),
+           "simpo": ("preference_messages", {"simpo_gamma": 0.3})}  # format, preference keys
 N_STEPS = 8
 every_method = pytest.mark.parametrize("method_run", list(METHODS), indirect=True)
 
@@ -338,16 +337,13 @@ def method_run(request, tmp_path_factory, tiny_model_dir):
     """One uninterrupted run of a method (grad_accum 2, LoRA dropout on, a checkpoint every 2 steps, 4 held-out
     rows), trained once per module: what a resumed run must equal, and the run that is merged, exported, evaluated."""
     method = request.param
-    fmt, extra = METHODS[method]
+    fmt, keys = METHODS[method]
     tmp = tmp_path_factory.mktemp(method)
+    # the method's keys in the recipe itself, so a killed run and its --resume see them too
     path = pref_recipe(tmp, tiny_model_dir, fmt=fmt, method=method, lora={"r": 8, "alpha": 16, "dropout": 0.1},
                        data={"held_out": 4}, train={"max_steps": N_STEPS, "grad_accum": 2, "save_steps": 2,
-                                                    "save_total_limit": 2, "eval_steps": 4})
-    raw = yaml.safe_load(path.read_text())
-    for override in extra:  # in the recipe itself, so a killed run and its --resume see them too
-        key, value = override.split("=")
-        raw["preference"] = {**raw.get("preference", {}), key.split(".")[1]: yaml.safe_load(value)}
-    path.write_text(yaml.safe_dump(raw))
+                                                    "save_total_limit": 2, "eval_steps": 4},
+                       **({"preference": keys} if keys else {}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

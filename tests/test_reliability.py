@@ -104,9 +104,14 @@ def error_line(r) -> str:
     return lines[0]
 
 
-def steps(run: Path) -> dict[int, tuple[float, float]]:
+def step_rows(run: Path) -> list[dict]:
+    """The per-step rows of train_log.jsonl, in the order they were written."""
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: (r["loss"], r["learning_rate"]) for r in rows if "loss" in r}
+    return [r for r in rows if "loss" in r]
+
+
+def steps(run: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["learning_rate"]) for r in step_rows(run)}
 
 
 def wait_for_step(run: Path, k: int, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -131,8 +136,7 @@ def events(run: Path, kind: str) -> list[dict]:
 def assert_continues_like(a: Path, b: Path, after: int, n: int) -> None:
     """b (resumed after step `after`) equals the uninterrupted a: per-step loss and lr, then the final adapter."""
     la, lb = steps(a), steps(b)
-    logged = [json.loads(line)["step"] for line in (b / "train_log.jsonl").read_text().splitlines()
-              if line.strip() and "loss" in json.loads(line)]
+    logged = [r["step"] for r in step_rows(b)]
     # (a restart from step 0 that happens to retrace the same steps would log them twice)
     assert logged == list(range(1, n + 1)), f"missing or duplicated steps in the resumed log: {logged}"
     for s in range(after + 1, n + 1):
