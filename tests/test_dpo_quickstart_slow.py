@@ -55,6 +55,11 @@ def test_dpo_quickstart_prefers_chosen_and_takes_its_format(tmp_path):
     # After one epoch (measured 2026-12-02: 0/16 -> 6/16 one-word capitalised replies; the full two-epoch
     # quickstart's figures are in the README) the format has started to take: at least 4 of the 16.
     assert fmt["base"] <= 0.1 and fmt["adapter"] >= 0.25, flat[:2000]
+    # ... and both moves are more than noise: the paired bootstrap interval of tuned - base excludes zero.
+    for task, metric in (("preference", "preference_acc"), ("format", "regex")):
+        ci = next(r["delta_ci95"] for r in results["results"]
+                  if r["task"] == task and r["metric"] == metric and r["model"] == "adapter")
+        assert ci[0] > 0, (task, metric, ci)
 
 
 def _scores(results: dict, task: str, metric: str) -> dict:
