@@ -20,7 +20,8 @@ Wilson 95% interval, and stop rate (replies that ended with the end-of-turn toke
     python bench/quality.py --rows 160 --epochs 2 --seeds 2  # a quicker look
     python bench/quality.py --smoke                          # the tiny random model: the plumbing only
     python bench/quality.py --judge-only DIR --seeds 2       # judge kept adapters DIR/{arm}-{seed} again
-    python bench/quality.py --first-seed 2 --seeds 1         # one more seed, then pool the result files:
+    python bench/quality.py --first-seed 2 --seeds 1 --keep DIR   # one more seed (adapters kept in DIR), then
+                                                             # pool the result files:
     python bench/quality.py --combine bench/results/quality-A.json bench/results/quality-B.json
 
 Beside each arm's interval, ours and ours_time are compared with trl row by row (the same held-out rows): the
@@ -244,11 +245,19 @@ def judge_only(args, model_dir: str, seeds) -> list[dict]:
     for seed in seeds:
         held = make_rows(args.held_out, HELD_OUT_PHRASINGS, 10_000 + seed)
         for arm in ("trl", "ours", "ours_time"):
-            adapter = args.judge_only / f"{arm}-{seed}"
-            if adapter.is_dir():
+            adapter = _kept_adapter(args.judge_only / f"{arm}-{seed}")
+            if adapter:
                 runs.append({"seed": seed, "arm": arm, "adapter": str(adapter), **judge(model_dir, str(adapter), held)})
                 print(f"[seed {seed}] {arm}: {runs[-1]['exact']}/{runs[-1]['n']} exact", flush=True)
     return runs
+
+
+def _kept_adapter(folder: Path) -> Path | None:
+    """The adapter an arm saved under folder (the folder itself, or the run's adapter/ below it; never a
+    mid-run checkpoint), or None when the arm was not kept."""
+    found = sorted(p.parent for p in folder.rglob("adapter_config.json") if "checkpoint-" not in str(p)) \
+        if folder.is_dir() else []
+    return min(found, key=lambda p: len(p.parts)) if found else None
 
 
 def main():
@@ -271,6 +280,8 @@ def main():
                          "fields, e.g. the per-row hits of a --judge-only file) and summarise them")
     ap.add_argument("--judge-only", type=Path, default=None, metavar="DIR",
                     help="judge the adapters DIR/{trl,ours,ours_time}-{seed} again instead of training")
+    ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                    help="train in DIR and keep it (the adapters, for a later --judge-only on more held-out rows)")
     args = ap.parse_args()
 
     if args.combine:
@@ -278,7 +289,8 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         model = str(_tiny_model(work))
         args.rows, args.held_out, args.seeds, args.epochs = 24, 4, 1, 1
@@ -293,7 +305,8 @@ def main():
     else:
         runs = [r for seed in seeds for r in one_seed(seed, args, work, model, model_dir)]
     report(runs, args, "quality-smoke" if args.smoke else "quality")
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def report(runs: list[dict], args, name: str) -> None:
