@@ -84,7 +84,7 @@ def _optimizer_steps(run) -> int:
     return json.loads((run / "manifest.json").read_text())["global_step"]
 
 
-def test_training_takes_the_same_steps_per_epoch_packed_and_unpacked(recipe_factory, tmp_path):
+def test_training_takes_the_same_steps_per_epoch_packed_and_unpacked(recipe_factory, tmp_path, capsys):
     """The real trainer on the tiny model: one epoch, packed and unpacked, the same number of optimizer steps."""
     from merged_run import one_thread
     from tiny import color_rows
@@ -105,5 +105,8 @@ def test_training_takes_the_same_steps_per_epoch_packed_and_unpacked(recipe_fact
             report = json.loads((run / "data_report.json").read_text())["steps"]
             assert report["steps_per_epoch"] == steps[packing]
             assert "examples per step" in (run / "report.md").read_text()
+            printed = capsys.readouterr().out  # what `finetune train` shows before the first step
+            assert f"{report['examples_per_step']} examples per step" in printed
+            assert f"{steps[packing]} steps per epoch" in printed
     assert steps["false"] == 96 // 8
     assert abs(steps["true"] - steps["false"]) <= max(1, steps["false"] // 20), steps
