@@ -50,28 +50,46 @@ def example_lengths(inputs) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:]) if b > a]
 
 
-def matmul_peak(shape, tokens: int = 1024, threads: int = 1, dtype: str = "float32", repeats: int = 3) -> dict:
-    """FLOP per CPU-second of torch.mm at the model's shapes (best of `repeats`), FLOP-weighted over the shapes."""
-    import torch
+class PeakSampler:
+    """torch.mm at the model's shapes, measured again and again with the same tensors: one sample is FLOP per
+    CPU-second FLOP-weighted over the shapes (each projection counted once per layer, the lm_head once).
 
-    torch.set_num_threads(threads)
-    dt = getattr(torch, dtype)
-    shapes = [(a, b) for _, a, b in shape.linears()] + [(shape.hidden, shape.vocab)]
-    best = None
-    for _ in range(repeats):
-        flops = seconds = 0.0
-        for a, b in shapes:
+    On a shared machine the same torch.mm runs at 65-93 GFLOP per CPU-second from one second to the next (one
+    thread, this machine, 2026-12-03), so a peak measured once, before or after a run, can be 30% off the speed
+    matmul had while the run's steps ran. Sampling it between the steps and dividing by the samples' median makes
+    MFU a ratio of two speeds measured side by side."""
+
+    def __init__(self, shape, tokens: int = 1024, threads: int = 1, dtype: str = "float32"):
+        import torch
+
+        torch.set_num_threads(threads)
+        dt = getattr(torch, dtype)
+        self.shape, self.tokens, self.threads, self.dtype = shape, tokens, threads, dtype
+        self.cases = []
+        for a, b in [(a, b) for _, a, b in shape.linears()] + [(shape.hidden, shape.vocab)]:
             x, w = torch.randn(tokens, a, dtype=dt), torch.randn(a, b, dtype=dt)
             out = torch.empty(tokens, b, dtype=dt)
             torch.mm(x, w, out=out)  # warm
+            self.cases.append((x, w, out, 1 if b == shape.vocab else shape.layers))  # projections: once per layer
+
+    def sample(self, seconds_per_shape: float = 0.3) -> float:
+        import torch
+
+        flops = seconds = 0.0
+        for x, w, out, count in self.cases:
             t, n = time.process_time(), 0
-            while time.process_time() - t < 0.3:
+            while n == 0 or time.process_time() - t < seconds_per_shape:
                 torch.mm(x, w, out=out)
                 n += 1
-            count = 1 if b == shape.vocab else shape.layers  # each projection runs once per layer
-            flops += 2 * tokens * a * b * count
+            flops += 2 * x.shape[0] * x.shape[1] * w.shape[1] * count
             seconds += (time.process_time() - t) / n * count
-        best = max(best or 0.0, flops / seconds)
+        return flops / seconds
+
+
+def matmul_peak(shape, tokens: int = 1024, threads: int = 1, dtype: str = "float32", repeats: int = 3) -> dict:
+    """FLOP per CPU-second of torch.mm at the model's shapes (best of `repeats`), FLOP-weighted over the shapes."""
+    sampler = PeakSampler(shape, tokens, threads, dtype)
+    best = max(sampler.sample() for _ in range(repeats))
     return {"peak_flops_per_cpu_s": best, "tokens": tokens, "threads": threads, "dtype": dtype}
 
 

@@ -9,6 +9,8 @@ so every arm trains on the same real tokens. Arms run alternately in one process
     ours_same     `finetune train` with TRL's settings spelled out: packing off, gradient checkpointing on. The
                   same work as the trl arm, so its ratio is our overhead (or lack of it)
     ours_nockpt   ours_packed with gradient checkpointing off
+    ours_packed_torch_dropout  ours_packed with torch's LoRA dropout (no lane masks, finetune/dropout.py): ablation
+    ours_packed_glibc_heap     ours_packed with glibc's default malloc settings (no finetune/heap.py): ablation
     ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true
     trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing, gradient checkpointing
     trl_packed    the same script with TRL's one-flag packing: packing=True (BFD, padding-free), gradient
@@ -16,8 +18,12 @@ so every arm trains on the same real tokens. Arms run alternately in one process
     trl_packed_nockpt  trl_packed with gradient_checkpointing=False
 
 Every arm also reports model FLOPs per token, achieved FLOP per CPU-second and MFU against the torch.mm peak the
-bench measures at the model's shapes (bench/mfu.py states the formula). --profile adds a table of where the
-training steps' CPU time goes (matmul, dequantise, attention, elementwise, optimizer) for each arm.
+bench measures at the model's shapes (bench/mfu.py states the formula), twice: against the best peak measured
+before and after all arms (MFU), and against the median of peak samples taken after every training step of the
+arm itself (MFU paired: the same torch.mm speed varies by 30% from second to second on a shared machine, so this
+one compares two speeds measured side by side; the samples' time is left out of the arm's CPU and wall time).
+--profile adds a table of where the training steps' CPU time goes (matmul, dequantise, attention, elementwise,
+optimizer) for each arm (and takes no peak samples, so the profile holds only the training steps).
 
 Every arm uses the same micro-batch and gradient accumulation (our recipe defaults) and the same precision
 (fp32 on CPU: TRL's bf16=True default breaks NF4 training on a CPU, see NOTES.md). Tokens are counted where
@@ -32,11 +38,13 @@ the ratios use CPU time, which other processes on a shared machine do not distor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import _common
 import lengthmix
@@ -56,6 +64,9 @@ class TokenCounter:
         self.cpu_first = self.cpu_last = None
         self.profile = False
         self.prof = None
+        self.sampler = None  # mfu.PeakSampler: the matmul peak sampled after every step (not under --profile)
+        self.peaks: list[float] = []
+        self.excluded_cpu = self.excluded_wall = self.last_sample_cpu = 0.0
 
     def install(self):
         from transformers import Trainer
@@ -71,6 +82,10 @@ class TokenCounter:
             counter.steps += 1
             counter.keys += mfu.causal_keys(mfu.example_lengths(inputs))
             if counter.cpu_first is None:
+                if counter.sampler is not None:  # one sample before the first step: the samples bracket every step
+                    wall = time.time()
+                    counter.peaks.append(counter.sampler.sample(seconds_per_shape=0.05))
+                    counter.excluded_wall += time.time() - wall
                 if counter.profile:
                     import torch
 
@@ -79,6 +94,12 @@ class TokenCounter:
                 counter.cpu_first = time.process_time()
             out = original(self, model, inputs, *a, **kw)
             counter.cpu_last = time.process_time()
+            if counter.sampler is not None:  # its time is taken out of the arm's CPU and wall time
+                wall = time.time()
+                counter.peaks.append(counter.sampler.sample(seconds_per_shape=0.05))
+                counter.last_sample_cpu = time.process_time() - counter.cpu_last
+                counter.excluded_cpu += counter.last_sample_cpu
+                counter.excluded_wall += time.time() - wall
             return out
 
         Trainer.training_step = training_step
@@ -86,13 +107,18 @@ class TokenCounter:
     def take(self) -> dict:
         out = {"real_tokens": self.real, "fed_tokens": self.fed, "micro_steps": self.steps,
                "mean_keys_per_token": round(self.keys / max(1, self.real), 2),
-               "cpu_seconds": round(self.cpu_last - self.cpu_first, 2) if self.cpu_first is not None else None}
+               # the samples between the first step and the last (the last one comes after cpu_last)
+               "cpu_seconds": (round(self.cpu_last - self.cpu_first - (self.excluded_cpu - self.last_sample_cpu), 2)
+                               if self.cpu_first is not None else None),
+               "peak_samples": [round(p) for p in self.peaks], "sampling_wall_s": round(self.excluded_wall, 2)}
         if self.prof is not None:
             self.prof.stop()
             out["profile"] = mfu.profile_table(self.prof)
             self.prof = None
         self.real = self.fed = self.steps = self.keys = 0
         self.cpu_first = self.cpu_last = None
+        self.peaks = []
+        self.excluded_cpu = self.excluded_wall = self.last_sample_cpu = 0.0
         return out
 
 
@@ -102,7 +128,7 @@ def write_recipe(work: Path, model: str, data: Path, args, name: str) -> Path:
         "model": {"base": model, **({"attn_implementation": "sdpa"} if name == "ours_packed_rowmask" else {})},
         "data": {"train": [{"path": str(data), "format": "alpaca"}], "template": "chatml",
                  "max_length": args.max_length,
-                 "packing": name in ("ours_packed", "ours_nockpt", "ours_packed_rowmask"),
+                 "packing": name.startswith("ours_packed") or name == "ours_nockpt",
                  "group_by_length": name == "ours_grouped"},
         "train": {"epochs": 1, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
                   "report_to": ["none"], "save_steps": 100000, "seed": 0,
@@ -159,6 +185,10 @@ def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1, p
 
 
 _COUNTER = None
+ABLATIONS = {  # arm -> what it turns off in `finetune train`, by replacing the function train.py calls
+    "ours_packed_torch_dropout": {"finetune.dropout.use_lane_dropout": lambda model: 0},
+    "ours_packed_glibc_heap": {"finetune.heap.reuse_freed_memory": contextlib.nullcontext},
+}
 
 
 def run_arm(arm: str, args, work: Path, data: Path, model_dir: str, recipes: dict) -> dict:
@@ -173,8 +203,12 @@ def run_arm(arm: str, args, work: Path, data: Path, model_dir: str, recipes: dic
         seconds = run_trl(model_dir, data, args, work, packing=arm.startswith("trl_packed"),
                           gradient_checkpointing=not arm.endswith("nockpt"))
     else:
-        seconds = run_ours(recipes[arm])
+        with contextlib.ExitStack() as stack:
+            for target, stand_in in ABLATIONS.get(arm, {}).items():
+                stack.enter_context(mock.patch(target, stand_in))
+            seconds = run_ours(recipes[arm])
     c = _COUNTER.take()
+    seconds -= c["sampling_wall_s"]  # the Trainer's train_runtime includes the peak samples taken between steps
     return {"seconds": round(seconds, 2), **c,
             "non_pad_fraction": round(c["real_tokens"] / max(1, c["fed_tokens"]), 4),
             "real_tokens_per_s": round(c["real_tokens"] / seconds, 1),
@@ -188,7 +222,11 @@ def _flops(c: dict, args) -> dict:
 
     shape, _ = resolve_shape(args.model)
     fpt = mfu.flops_per_token(shape, 16, c["mean_keys_per_token"])
-    return {"model_flops_per_token": round(fpt), "achieved_flops_per_cpu_s": round(c["real_tokens"] * fpt / c["cpu_seconds"])}
+    achieved = c["real_tokens"] * fpt / c["cpu_seconds"]
+    out = {"model_flops_per_token": round(fpt), "achieved_flops_per_cpu_s": round(achieved)}
+    if c["peak_samples"]:
+        out["mfu_paired"] = round(achieved / _common.median(c["peak_samples"]), 3)
+    return out
 
 
 def run_child(arm: str, args, work: Path) -> dict:
@@ -208,12 +246,17 @@ def run_child(arm: str, args, work: Path) -> dict:
 
 def _summary_row(arm: str, mine: list[dict], peak: float) -> dict:
     achieved = _common.median([r["achieved_flops_per_cpu_s"] for r in mine])
+    paired = [r["mfu_paired"] for r in mine if "mfu_paired" in r]
+    samples = [p for r in mine for p in r.get("peak_samples", [])]
     return {"arm": arm, "real tok per CPU-s (median)": _common.median([r["real_tokens_per_cpu_s"] for r in mine]),
             "real tok/s wall (median)": _common.median([r["real_tokens_per_s"] for r in mine]),
             "non-pad fraction": mine[0]["non_pad_fraction"], "real tokens": mine[0]["real_tokens"],
             "model GFLOP/token": round(mine[0]["model_flops_per_token"] / 1e9, 4),
             "achieved GFLOP per CPU-s": round(achieved / 1e9, 2), "peak GFLOP per CPU-s": round(peak / 1e9, 2),
-            "MFU": round(achieved / peak, 3), "repeats": len(mine), "profile": mine[0].get("profile")}
+            "MFU": round(achieved / peak, 3),
+            **({"peak during the arm (median GFLOP per CPU-s)": round(_common.median(samples) / 1e9, 1),
+                "MFU paired (median)": _common.median(paired)} if paired else {}),
+            "repeats": len(mine), "profile": mine[0].get("profile")}
 
 
 def main():
@@ -225,8 +268,8 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--arms", default="ours_packed,ours_padded,trl",
-                    help="any of ours_packed, ours_padded, ours_same, ours_nockpt, ours_grouped, trl, trl_packed, "
-                    "trl_packed_nockpt")
+                    help="any of ours_packed, ours_padded, ours_same, ours_nockpt, ours_grouped, "
+                    "ours_packed_torch_dropout, ours_packed_glibc_heap, trl, trl_packed, trl_packed_nockpt")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
                     "threads spinning while they wait for each other on a busy machine)")
     ap.add_argument("--isolate", action="store_true", help="run every arm in a fresh process, so no arm inherits "
@@ -247,6 +290,12 @@ def main():
     _COUNTER = TokenCounter()
     _COUNTER.install()
     _COUNTER.profile = args.profile
+    from finetune.plan import resolve_shape
+
+    shape, _ = resolve_shape(args.model)
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    if not args.profile and not torch.cuda.is_available():
+        _COUNTER.sampler = mfu.PeakSampler(shape, threads=args.threads, dtype=dtype)
     if args.one:  # a child of --isolate: one arm, one JSON line
         data = args.work / "mix.jsonl"
         (args.work / args.one).mkdir(parents=True, exist_ok=True)
@@ -259,10 +308,6 @@ def main():
     model_dir = resolve_base(args.model).hf_path
     arms = args.arms.split(",")
     recipes = {a: write_recipe(work, args.model, data, args, a) for a in arms if not a.startswith("trl")}
-    from finetune.plan import resolve_shape
-
-    shape, _ = resolve_shape(args.model)
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     peaks = [mfu.matmul_peak(shape, threads=args.threads, dtype=dtype)]
     runs = []
     for rep in range(args.repeats):

@@ -5,6 +5,7 @@ Reads top to bottom: setup (run dir, hardware, tokenizer, data, model) -> train 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from pathlib import Path
 from finetune import attention
 from finetune import checkpoints as ck
 from finetune import data as data_mod
-from finetune import distributed, rundir
+from finetune import distributed, dropout, heap, rundir
 from finetune import resume as resume_mod
 from finetune.data.packing import StepShape, pack
 from finetune.hardware import choose_precision, detect_hardware
@@ -362,6 +363,10 @@ def build_model(r: Session, prepared=None):
         eva = _eva_batches(r, prepared) if r.recipe.lora.init == "eva" else None
         model = attach_lora(model, r.recipe, r.checkpointing, r.new_token_ids, eva)
     model.peft_config["default"].base_model_name_or_path = r.source.hf_path
+    if not r.hw.cuda:  # torch's CPU dropout mask costs ~10% of a step; a GPU's fused kernel does not (dropout.py)
+        swapped = dropout.use_lane_dropout(model)
+        if swapped:
+            log.info("LoRA dropout: %d layers draw their masks as 16-bit lanes (finetune/dropout.py)", swapped)
     if r.recipe.lora.init in CONVERTED_INITS and r.main:
         # PiSSA/OLoRA rewrote the base as a residual: keep the initial adapter, so that save_adapter can convert
         # the trained one (peft's path_initial_model_for_weight_conversion) into plain LoRA on the original base.
@@ -455,7 +460,8 @@ def run_trainer(r: Session, trainer, model) -> None:
             trainer.state.global_step = plan.step
             log.info("%s is the final step of this run; writing its adapter", plan.checkpoint.name)
         else:
-            with StopOnSignal(trainer, on_abort=r.lock.release if r.lock is not None else None):
+            with StopOnSignal(trainer, on_abort=r.lock.release if r.lock is not None else None), \
+                    (contextlib.nullcontext() if r.hw.cuda else heap.reuse_freed_memory()):
                 trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     except NonFiniteError as e:
         last = ck.latest_complete(r.run / "checkpoints")
