@@ -10,7 +10,6 @@ so every arm trains on the same real tokens. Arms run alternately in one process
                   same work as the trl arm, so its ratio is our overhead (or lack of it)
     ours_nockpt   ours_packed with gradient checkpointing off
     ours_packed_torch_dropout  ours_packed with torch's LoRA dropout (no lane masks, finetune/dropout.py): ablation
-    ours_packed_glibc_heap     ours_packed with glibc's default malloc settings (no finetune/heap.py): ablation
     ours_grouped  `finetune train` with data.packing: false, data.group_by_length: true
     trl           SFTTrainer + LoraConfig with TRL's defaults: padded batches, no packing, gradient checkpointing
     trl_packed    the same script with TRL's one-flag packing: packing=True (BFD, padding-free), gradient
@@ -187,7 +186,6 @@ def run_trl(model_dir: str, data: Path, args, work: Path, max_steps: int = -1, p
 _COUNTER = None
 ABLATIONS = {  # arm -> what it turns off in `finetune train`, by replacing the function train.py calls
     "ours_packed_torch_dropout": {"finetune.dropout.use_lane_dropout": lambda model: 0},
-    "ours_packed_glibc_heap": {"finetune.heap.reuse_freed_memory": contextlib.nullcontext},
 }
 
 
@@ -269,7 +267,7 @@ def main():
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--arms", default="ours_packed,ours_padded,trl",
                     help="any of ours_packed, ours_padded, ours_same, ours_nockpt, ours_grouped, "
-                    "ours_packed_torch_dropout, ours_packed_glibc_heap, trl, trl_packed, trl_packed_nockpt")
+                    "ours_packed_torch_dropout, trl, trl_packed, trl_packed_nockpt")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
                     "threads spinning while they wait for each other on a busy machine)")
     ap.add_argument("--isolate", action="store_true", help="run every arm in a fresh process, so no arm inherits "

@@ -141,6 +141,9 @@ RECORDS: tuple[Internal, ...] = (
     I("peft", "peft.tuners.lora.Linear",
       "peft's dense LoRA layer: merge_lora refuses any other LoraLayer (a quantized one would merge by "
       "re-quantising)", ("finetune/merge.py",)),
+    I("peft", "peft.tuners.lora.LoraLayer.lora_dropout",
+      "the ModuleDict of each LoRA layer's dropout (nn.Dropout or nn.Identity per adapter) that "
+      "dropout.use_lane_dropout replaces on a CPU", ("finetune/dropout.py",), instance="_build_lora_linear"),
     # --- trl
     I("trl", "trl.SFTTrainer._save_checkpoint",
       "GuardedSFTTrainer's override does not call this one (trl 1.16's only writes a model card README.md into the "
@@ -390,6 +393,15 @@ def _build_fast_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+
+
+def _build_lora_linear():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                           LoraConfig(r=2, lora_dropout=0.1, target_modules=["0"]))
+    return model.base_model.model[0]
 
 
 def _build_linear4bit():

@@ -5,7 +5,6 @@ Reads top to bottom: setup (run dir, hardware, tokenizer, data, model) -> train 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -18,7 +17,7 @@ from pathlib import Path
 from finetune import attention
 from finetune import checkpoints as ck
 from finetune import data as data_mod
-from finetune import distributed, dropout, heap, rundir
+from finetune import distributed, dropout, rundir
 from finetune import resume as resume_mod
 from finetune.data.packing import StepShape, pack
 from finetune.hardware import choose_precision, detect_hardware
@@ -460,8 +459,7 @@ def run_trainer(r: Session, trainer, model) -> None:
             trainer.state.global_step = plan.step
             log.info("%s is the final step of this run; writing its adapter", plan.checkpoint.name)
         else:
-            with StopOnSignal(trainer, on_abort=r.lock.release if r.lock is not None else None), \
-                    (contextlib.nullcontext() if r.hw.cuda else heap.reuse_freed_memory()):
+            with StopOnSignal(trainer, on_abort=r.lock.release if r.lock is not None else None):
                 trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     except NonFiniteError as e:
         last = ck.latest_complete(r.run / "checkpoints")
