@@ -64,7 +64,6 @@ class PeakSampler:
 
         torch.set_num_threads(threads)
         dt = getattr(torch, dtype)
-        self.shape, self.tokens, self.threads, self.dtype = shape, tokens, threads, dtype
         self.cases = []
         for a, b in [(a, b) for _, a, b in shape.linears()] + [(shape.hidden, shape.vocab)]:
             x, w = torch.randn(tokens, a, dtype=dt), torch.randn(a, b, dtype=dt)

@@ -17,7 +17,7 @@ import time
 import _common
 
 
-def build(model_spec: str, threads: int):
+def build(model_spec: str, threads: int, dropout: float = 0.0):
     import torch
 
     from finetune.hardware import choose_precision, detect_hardware
@@ -26,7 +26,7 @@ def build(model_spec: str, threads: int):
 
     torch.set_num_threads(threads)
     recipe = Recipe.model_validate({"model": {"base": model_spec}, "quantization": {"compute_dtype": "float32"},
-                                    "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+                                    "lora": {"r": 16, "alpha": 32, "dropout": dropout},
                                     "data": {"train": [{"path": __file__}]}, "output_dir": "unused"})
     hw = detect_hardware("cpu")
     model = attach_lora(load_base(recipe, resolve_base(recipe.model.base), choose_precision(recipe, hw), hw),

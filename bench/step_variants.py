@@ -28,19 +28,9 @@ def build(model_spec: str, threads: int, dropout: float, variant: str):
 
     from finetune import attention
     from finetune.dropout import use_lane_dropout
-    from finetune.hardware import choose_precision, detect_hardware
-    from finetune.models import attach_lora, load_base, resolve_base
-    from finetune.recipe import Recipe
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    recipe = Recipe.model_validate({"model": {"base": model_spec}, "quantization": {"compute_dtype": "float32"},
-                                    "lora": {"r": 16, "alpha": 32, "dropout": dropout},
-                                    "data": {"train": [{"path": __file__}]}, "output_dir": "unused"})
-    hw = detect_hardware("cpu")
-    model = attach_lora(load_base(recipe, resolve_base(recipe.model.base), choose_precision(recipe, hw), hw),
-                        recipe, False)
-    model.config.use_cache = False
+    torch.manual_seed(0)  # the same LoRA init for every variant
+    model = packed_attention.build(model_spec, threads, dropout)
     model.set_attn_implementation(attention.register())
     model.train()
     if variant == "lane_dropout":

@@ -82,9 +82,7 @@ class TokenCounter:
             counter.keys += mfu.causal_keys(mfu.example_lengths(inputs))
             if counter.cpu_first is None:
                 if counter.sampler is not None:  # one sample before the first step: the samples bracket every step
-                    wall = time.time()
-                    counter.peaks.append(counter.sampler.sample(seconds_per_shape=0.05))
-                    counter.excluded_wall += time.time() - wall
+                    counter.sample_peak()
                 if counter.profile:
                     import torch
 
@@ -94,14 +92,18 @@ class TokenCounter:
             out = original(self, model, inputs, *a, **kw)
             counter.cpu_last = time.process_time()
             if counter.sampler is not None:  # its time is taken out of the arm's CPU and wall time
-                wall = time.time()
-                counter.peaks.append(counter.sampler.sample(seconds_per_shape=0.05))
-                counter.last_sample_cpu = time.process_time() - counter.cpu_last
+                counter.last_sample_cpu = counter.sample_peak()
                 counter.excluded_cpu += counter.last_sample_cpu
-                counter.excluded_wall += time.time() - wall
             return out
 
         Trainer.training_step = training_step
+
+    def sample_peak(self) -> float:
+        """One matmul peak sample; its wall time is added to excluded_wall, its CPU time returned."""
+        wall, cpu = time.time(), time.process_time()
+        self.peaks.append(self.sampler.sample(seconds_per_shape=0.05))
+        self.excluded_wall += time.time() - wall
+        return time.process_time() - cpu
 
     def take(self) -> dict:
         out = {"real_tokens": self.real, "fed_tokens": self.fed, "micro_steps": self.steps,
@@ -292,7 +294,7 @@ def main():
 
     shape, _ = resolve_shape(args.model)
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    if not args.profile and not torch.cuda.is_available():
+    if not args.profile and not torch.cuda.is_available() and (args.one or not args.isolate):  # where arms run
         _COUNTER.sampler = mfu.PeakSampler(shape, threads=args.threads, dtype=dtype)
     if args.one:  # a child of --isolate: one arm, one JSON line
         data = args.work / "mix.jsonl"

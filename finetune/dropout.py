@@ -15,6 +15,8 @@ no parameters and nothing of it is saved with the adapter, so merge and export d
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 LANES = 65536
@@ -38,9 +40,7 @@ class _MaskedScale(torch.autograd.Function):
 
 def keep_mask(shape, drop_lanes: int, device=None, generator=None) -> torch.Tensor:
     """A bool tensor of `shape`, each element False with probability drop_lanes / LANES, independently."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-2**63, None, generator=generator)  # all 64 bits uniform: four independent 16-bit lanes
     lanes = words.view(torch.int16)[:n].view(shape)
